@@ -1,0 +1,52 @@
+# udptunnel: everything a developer or a user runs goes through here.
+#   make demo    a real tunnel on loopback, with traffic crossing it
+#   make test    the whole test suite
+#   make check   lint and test
+# The virtual environment in $(VENV) is made on first use; nothing is installed by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+PREFIX ?= /usr/local
+DESTDIR ?=
+PYTEST_ARGS ?=
+
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv demo test lint check install uninstall clean
+
+all: venv
+
+venv: $(STAMP)
+
+# The man page is copied into the environment at install time, so it counts as a source.
+$(STAMP): pyproject.toml man/udptunnel.1
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check --editable '.[test,lint]'
+	touch $@
+
+demo: $(STAMP)
+	$(VPY) contrib/demo.py
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VPY) -m ruff check udptunnel tests contrib
+	$(VPY) -m ruff format --check udptunnel tests contrib
+	$(VPY) -m mypy
+	@out=$$(groff -man -ww -z man/udptunnel.1 2>&1); \
+	if [ -n "$$out" ]; then echo "$$out"; exit 1; fi
+
+check: lint test
+
+install:
+	$(PYTHON) -m pip install --disable-pip-version-check --no-deps \
+		--root '$(DESTDIR)/' --prefix '$(PREFIX)' .
+
+uninstall:
+	$(PYTHON) -m pip uninstall --yes udptunnel
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

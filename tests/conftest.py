@@ -1,0 +1,166 @@
+"""Shared test helpers: real udptunnel processes, free ports, and the rules for skipping.
+
+Tests marked ``root`` (network namespaces) or ``original`` (Debian's /usr/bin/udptunnel) skip
+with a reason where the machine cannot run them, and fail instead when
+UDPTUNNEL_STRICT_TESTS=1, as .ci/run sets: CI always runs them for real.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+UDPTUNNEL = str(BIN / "udptunnel")  # the console script, as users run it
+ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel: Lennox's C program
+STRICT = os.environ.get("UDPTUNNEL_STRICT_TESTS") == "1"
+WAIT = 10.0  # seconds: the ceiling for any one expected event in a real-process test
+
+
+def _missing(marker: str) -> str | None:
+    if marker == "root" and (os.geteuid() != 0 or shutil.which("ip") is None):
+        return "needs root and iproute2 for network namespaces"
+    if marker == "original" and not os.access(ORIGINAL, os.X_OK):
+        return f"needs Debian's udptunnel at {ORIGINAL} (apt-get install udptunnel)"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in ("root", "original"):
+        if item.get_closest_marker(marker) and (reason := _missing(marker)):
+            if STRICT:
+                pytest.fail(f"UDPTUNNEL_STRICT_TESTS=1 but this test {reason}")
+            pytest.skip(reason)
+
+
+class Process:
+    """A child process whose standard error is collected line by line as it comes."""
+
+    def __init__(self, argv: Sequence[str], *, prefix: Sequence[str] = ()) -> None:
+        self.argv = [*prefix, *argv]
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """Wait until a line of standard error matches ``pattern`` (a regular expression)."""
+        regex = re.compile(pattern)
+        for line in self.lines:
+            if match := regex.search(line):
+                return match
+        while True:
+            try:
+                line = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(
+                    f"no line matching {pattern!r} in {timeout} s: {self.lines}"
+                ) from None
+            if line is None:
+                raise AssertionError(
+                    f"exited ({self.proc.wait()}) before {pattern!r}: {self.lines}"
+                )
+            self.lines.append(line)
+            if match := regex.search(line):
+                return match
+
+    def wait(self, timeout: float = WAIT) -> int:
+        """Wait for the exit status, and for every line of standard error."""
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        while (line := self._queue.get_nowait() if not self._queue.empty() else None) is not None:
+            self.lines.append(line)
+        return status
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """Kill this process (only this one, by its PID) if it is still running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def spawn() -> Iterator[type[Process]]:
+    """Start processes with ``spawn(argv)``; whatever is still running at the end is killed."""
+    started: list[Process] = []
+
+    class Tracked(Process):
+        def __init__(self, argv: Sequence[str], *, prefix: Sequence[str] = ()) -> None:
+            super().__init__(argv, prefix=prefix)
+            started.append(self)
+
+    yield Tracked
+    for process in started:
+        process.kill()
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A port that is free for both TCP and UDP on ``host`` right now."""
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+
+
+def free_even_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """An even port P such that P and P+1 are free for TCP and UDP (RTP mode)."""
+    while True:
+        port = free_port(family, host)
+        if port % 2 == 0 and port < 65534 and _is_free(family, host, port + 1):
+            return port
+
+
+def _is_free(family: int, host: str, port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(family, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def udp_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound UDP socket with the test ceiling as its receive timeout."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.settimeout(WAIT)
+    return sock

@@ -1,0 +1,244 @@
+"""What the command line asks for, as frozen data, and the pure parsers that build it.
+
+Addresses are written as the original wrote them, ``host/port[/ttl]`` or ``host:port[:ttl]``,
+and also ``[v6-literal]:port`` or ``v6-literal/port`` for IPv6. Nothing here resolves a name
+or opens a socket: that is ``tunnel.py``'s job.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+MIN_PORT = 1  # port 0 would mean "any port", which a tunnel end cannot be found at
+MAX_PORT = 0xFFFF  # 16-bit port numbers
+MAX_TTL = 255  # 8-bit IP TTL / IPv6 hop limit
+DEFAULT_TTL = 1  # as the original: multicast stays on the local network unless asked
+RTP_PAIR = 2  # RTP mode relays an even port and the odd port above it (RTP and RTCP)
+
+_DECIMAL = re.compile(r"[0-9]+")  # no sign, no hex, no trailing garbage (defect 11)
+_SEPARATORS = re.compile(r"[/:]")
+
+
+class Mode(enum.Enum):
+    """Which end of the TCP connection this tunnel end is."""
+
+    SERVER = "server"
+    CLIENT = "client"
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and a port; ``host`` None means every local address (the wildcard)."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host or '*'}/{self.port}"
+
+    def shifted(self, offset: int) -> Address:
+        """The same host, ``offset`` ports higher (the RTCP half of an RTP pair)."""
+        return Address(self.host, self.port + offset)
+
+
+@dataclass(frozen=True)
+class Relay:
+    """One port pair: a TCP connection and the UDP address it carries datagrams for.
+
+    ``udp`` is where datagrams from the tunnel are sent; ``udp_bind`` is where datagrams for
+    the tunnel are received.
+    """
+
+    tcp: Address
+    udp: Address
+    udp_bind: Address
+
+
+@dataclass(frozen=True)
+class Config:
+    """One tunnel end, checked: every port in range, RTP ports even."""
+
+    mode: Mode
+    tcp: Address
+    udp: Address
+    udp_bind: Address
+    ttl: int = DEFAULT_TTL
+    rtp: bool = False
+
+    @property
+    def relays(self) -> tuple[Relay, ...]:
+        """The port pairs to run: one, or two consecutive ones in RTP mode."""
+        count = RTP_PAIR if self.rtp else 1
+        return tuple(
+            Relay(self.tcp.shifted(i), self.udp.shifted(i), self.udp_bind.shifted(i))
+            for i in range(count)
+        )
+
+
+def parse_port(text: str) -> int:
+    """Parse a port number strictly: decimal digits only, 1 to 65535.
+
+    Raises:
+        ConfigError: naming the text, if it is not such a number.
+    """
+    if not _DECIMAL.fullmatch(text) or not MIN_PORT <= int(text) <= MAX_PORT:
+        raise ConfigError(f"{text!r}: invalid port number (expected {MIN_PORT}-{MAX_PORT})")
+    return int(text)
+
+
+def parse_ttl(text: str) -> int:
+    """Parse a multicast TTL strictly: decimal digits only, 0 to 255.
+
+    Raises:
+        ConfigError: naming the text, if it is not such a number.
+    """
+    if not _DECIMAL.fullmatch(text) or int(text) > MAX_TTL:
+        raise ConfigError(f"{text!r}: invalid TTL (expected 0-{MAX_TTL})")
+    return int(text)
+
+
+def split_address(text: str) -> tuple[str, list[str]]:
+    """Split ``host/field/...`` into the host and the fields after it.
+
+    ``/`` always separates; ``:`` separates too unless the host is a bare IPv6 literal, which
+    is written ``[::1]:5000`` or ``::1/5000`` instead.
+
+    Raises:
+        ConfigError: if the host is empty or a ``[`` is not closed.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError(f"{text!r}: missing ']' after the IPv6 address")
+        if rest and rest[0] not in "/:":
+            raise ConfigError(f"{text!r}: expected '/' or ':' after ']'")
+        fields = _SEPARATORS.split(rest[1:]) if rest else []
+    elif "/" in text:
+        host, *fields = text.split("/")
+    elif text.count(":") > 1 and _is_ipv6(text):
+        host, fields = text, []
+    else:
+        host, *fields = text.split(":")
+    if not host:
+        raise ConfigError(f"{text!r}: missing host")
+    return host, fields
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_udp(text: str) -> tuple[Address, int]:
+    """Parse the positional ``UDP-addr/UDP-port[/ttl]``.
+
+    Returns:
+        The UDP destination and the multicast TTL (the default when not given).
+
+    Raises:
+        ConfigError: naming the bad part.
+    """
+    host, fields = split_address(text)
+    if not fields:
+        raise ConfigError(f"{text!r}: missing UDP port (expected UDP-addr/UDP-port[/ttl])")
+    if len(fields) > 2:
+        raise ConfigError(f"{text!r}: too many fields (expected UDP-addr/UDP-port[/ttl])")
+    ttl = parse_ttl(fields[1]) if len(fields) == 2 else DEFAULT_TTL
+    return Address(host, parse_port(fields[0])), ttl
+
+
+def parse_local(text: str, *, port_only: bool = False) -> tuple[str | None, int | None]:
+    """Parse ``[addr/]port``, ``addr[/port]`` or ``port`` for a local address.
+
+    Args:
+        text: the value to parse.
+        port_only: read one field as the port, not the host (``-s 6000``).
+
+    Returns:
+        The host (None: all addresses) and the port (None: not given).
+
+    Raises:
+        ConfigError: naming the bad part.
+    """
+    if _DECIMAL.fullmatch(text) or (port_only and not _SEPARATORS.search(text)):
+        return None, parse_port(text)
+    host, fields = split_address(text)
+    if len(fields) > 1:
+        raise ConfigError(f"{text!r}: too many fields (expected ADDR/PORT)")
+    return host, parse_port(fields[0]) if fields else None
+
+
+def parse_remote(text: str) -> tuple[str, int | None]:
+    """Parse the client's ``TCP-addr[/TCP-port]``.
+
+    Returns:
+        The host and the port (None: not given, so it defaults to the UDP port).
+
+    Raises:
+        ConfigError: naming the bad part.
+    """
+    host, fields = split_address(text)
+    if len(fields) > 1:
+        raise ConfigError(f"{text!r}: too many fields (expected TCP-addr[/TCP-port])")
+    return host, parse_port(fields[0]) if fields else None
+
+
+def build_config(
+    *,
+    server: str | None,
+    client: str | None,
+    udp: str,
+    udp_bind: str | None = None,
+    rtp: bool = False,
+) -> Config:
+    """Check the command line as a whole and turn it into a Config.
+
+    Args:
+        server: the ``-s`` value, ``[TCP-addr/]TCP-port``.
+        client: the ``-c`` value, ``TCP-addr[/TCP-port]``.
+        udp: the positional ``UDP-addr/UDP-port[/ttl]``.
+        udp_bind: the ``--udp-bind`` value, ``ADDR[/PORT]``.
+        rtp: RTP mode, two consecutive even/odd port pairs.
+
+    Raises:
+        ConfigError: with the original's wording where it had one.
+    """
+    if server is not None and client is not None:
+        raise ConfigError("Only one of -s and -c may be specified.")
+    udp_address, ttl = parse_udp(udp)
+    if server is not None:
+        mode, (tcp_host, tcp_port) = Mode.SERVER, parse_local(server, port_only=True)
+        if tcp_port is None:
+            raise ConfigError(f"{server!r}: missing TCP port (expected [TCP-addr/]TCP-port)")
+    elif client is not None:
+        mode, (tcp_host, tcp_port) = Mode.CLIENT, parse_remote(client)
+    else:
+        raise ConfigError("You must specify one of -s and -c.")
+    bind_host, bind_port = parse_local(udp_bind) if udp_bind is not None else (None, None)
+    config = Config(
+        mode=mode,
+        tcp=Address(tcp_host, udp_address.port if tcp_port is None else tcp_port),
+        udp=udp_address,
+        udp_bind=Address(bind_host, udp_address.port if bind_port is None else bind_port),
+        ttl=ttl,
+        rtp=rtp,
+    )
+    if rtp:
+        for role, address in (
+            ("UDP", config.udp),
+            ("UDP bind", config.udp_bind),
+            ("TCP", config.tcp),
+        ):
+            if address.port % 2:
+                raise ConfigError(
+                    f"Port numbers must be even when using RTP mode ({role} port {address.port})."
+                )
+    return config

@@ -1,0 +1,13 @@
+"""The two kinds of failure that reach the user, each with its exit status.
+
+Anything raised as one of these carries a message fit to print as one line; ``cli.py`` does
+the printing and picks the exit status. Everything else is a bug and keeps its traceback.
+"""
+
+
+class ConfigError(ValueError):
+    """The command line or the names in it are wrong: exit status 2."""
+
+
+class TunnelError(Exception):
+    """The tunnel could not be set up or failed while running: exit status 1."""
