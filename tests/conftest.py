@@ -91,10 +91,16 @@ class Process:
     def wait(self, timeout: float = WAIT) -> int:
         """Wait for the exit status, and for every line of standard error."""
         status = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        while (line := self._queue.get_nowait() if not self._queue.empty() else None) is not None:
-            self.lines.append(line)
+        self._finish()
         return status
+
+    def _finish(self) -> None:
+        self._reader.join(WAIT)
+        while (line := self._queue.get_nowait()) is not None:
+            self.lines.append(line)
+        self._queue.put(None)  # for any later wait_for
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
@@ -104,6 +110,8 @@ class Process:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        if not self.proc.stderr.closed:  # type: ignore[union-attr]
+            self._finish()
 
     @property
     def stderr(self) -> str:
@@ -142,9 +150,10 @@ def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
 def free_even_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
     """An even port P such that P and P+1 are free for TCP and UDP (RTP mode)."""
     while True:
-        port = free_port(family, host)
-        if port % 2 == 0 and port < 65534 and _is_free(family, host, port + 1):
-            return port
+        port = free_port(family, host)  # Linux hands out odd ports for bind(0)...
+        even = port - port % 2  # ...so look at the even one below it too
+        if _is_free(family, host, even) and _is_free(family, host, even + 1):
+            return even
 
 
 def _is_free(family: int, host: str, port: int) -> bool:

@@ -139,7 +139,6 @@ def run(config: Config) -> int:
     except* (TunnelError, OSError) as group:
         _report(group)
         status = status or EXIT_FAILURE
-    log.info("Tunnel closed. %s", counters.summary())
     return status
 
 

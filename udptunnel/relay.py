@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -42,7 +43,7 @@ class UdpSockets:
 
     receive: trio.socket.SocketType
     send: trio.socket.SocketType
-    own_address: tuple[str, int]
+    own_address: tuple[Any, ...]  # (host, port), and for IPv6 (flowinfo, scope_id) after
 
 
 async def run_relay(stream: trio.abc.Stream, udp: UdpSockets, counters: Counters) -> None:

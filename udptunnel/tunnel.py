@@ -140,9 +140,13 @@ async def _open_udp(stack: contextlib.ExitStack[Any], plan: _Plan, ttl: int) -> 
     except OSError as exc:
         where = f"{bind_address[0]}/{bind_address[1]}"
         raise TunnelError(f"cannot receive UDP on {where}: {_strerror(exc)}") from exc
-    if multicast and bind_family == family:
+    if (
+        multicast
+        and bind_family == family
+        and bind_address[0] in (destination[0], _WILDCARD[family])
+    ):
         try:
-            _join(receive, family, destination[0])
+            _join(receive, family, destination)
         except OSError as exc:
             raise TunnelError(
                 f"cannot join multicast group {destination[0]}: {_strerror(exc)}"
@@ -161,14 +165,17 @@ def _set_multicast_sending(sock: trio.socket.SocketType, family: int, ttl: int) 
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
 
 
-def _join(sock: trio.socket.SocketType, family: int, group: str) -> None:
-    """Join the group on the interface the routing table picks (any interface: 0)."""
+def _join(sock: trio.socket.SocketType, family: int, group: SockAddr) -> None:
+    """Join the group: on the IPv6 address's scope interface if it names one (ff02::1%eth0),
+    otherwise on the interface the routing table picks."""
     if family == socket.AF_INET:
-        request = socket.inet_aton(group) + struct.pack("=I", socket.INADDR_ANY)
+        request = socket.inet_aton(group[0]) + struct.pack("=I", socket.INADDR_ANY)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, request)
     else:
-        request = socket.inet_pton(socket.AF_INET6, group.partition("%")[0]) + struct.pack("=I", 0)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, request)
+        address = socket.inet_pton(socket.AF_INET6, group[0].partition("%")[0])
+        sock.setsockopt(
+            socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, address + struct.pack("=I", group[3])
+        )
 
 
 async def _open_listeners(plan: _Plan) -> list[trio.SocketListener]:
@@ -284,11 +291,14 @@ async def _connect(streams: contextlib.AsyncExitStack, plan: _Plan) -> trio.Sock
 async def _run_relays(
     streams: list[trio.SocketStream], udps: list[UdpSockets], counters: Counters
 ) -> None:
-    """Run every relay; the first whose peer closes ends them all."""
-    async with trio.open_nursery() as nursery:
-        stop = partial(nursery.cancel_scope.cancel, reason="a TCP peer closed the connection")
-        for stream, udp in zip(streams, udps, strict=True):
-            nursery.start_soon(run_then, stop, partial(run_relay, stream, udp, counters))
+    """Run every relay; the first whose peer closes ends them all. Logs the summary."""
+    try:
+        async with trio.open_nursery() as nursery:
+            stop = partial(nursery.cancel_scope.cancel, reason="a TCP peer closed the connection")
+            for stream, udp in zip(streams, udps, strict=True):
+                nursery.start_soon(run_then, stop, partial(run_relay, stream, udp, counters))
+    finally:
+        log.info("Tunnel closed. %s", counters.summary())
 
 
 def _strerror(exc: OSError) -> str:

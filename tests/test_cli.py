@@ -1,0 +1,113 @@
+"""The command line: every bad input is one line naming the problem, and the right status."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from click.testing import CliRunner
+
+from udptunnel import __version__
+from udptunnel.cli import command
+
+from .conftest import free_port
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(command, list(args), prog_name="udptunnel")
+    return result.exit_code, result.stderr
+
+
+def assert_one_line(stderr: str, message: str) -> None:
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1, stderr
+    assert stderr.startswith("udptunnel: ")
+    assert message in stderr
+
+
+BAD_INPUT = [
+    # (arguments, text the single line must contain)
+    (["127.0.0.1/5000"], "You must specify one of -s and -c."),
+    (["-s", "6000", "-c", "h", "127.0.0.1/5000"], "Only one of -s and -c may be specified."),
+    (["-s", "6000", "-s", "6002", "127.0.0.1/5000"], "Only one of -s and -c may be specified."),
+    (["-c", "h", "-c", "h", "127.0.0.1/5000"], "Only one of -s and -c may be specified."),
+    (["-s", "0", "127.0.0.1/5000"], "'0': invalid port number"),
+    (["-s", "65536", "127.0.0.1/5000"], "'65536': invalid port number"),
+    (["-s", "20002abc", "127.0.0.1/5000"], "'20002abc': invalid port number"),
+    (["-s", "0x1F40", "127.0.0.1/5000"], "'0x1F40': invalid port number"),
+    (["-s", "-5", "127.0.0.1/5000"], "'-5': invalid port number"),
+    (["-s", "6000", "127.0.0.1/70000"], "'70000': invalid port number"),
+    (["-s", "6000", "127.0.0.1/5000x"], "'5000x': invalid port number"),
+    (["-c", "h/6000abc", "127.0.0.1/5000"], "'6000abc': invalid port number"),
+    (["-s", "6000", "--udp-bind", "127.0.0.1/99999", "h/5000"], "'99999': invalid port"),
+    (["-s", "6000", "239.1.1.1/5000/256"], "'256': invalid TTL"),
+    (["-s", "6000", "239.1.1.1/5000/-1"], "'-1': invalid TTL"),
+    (["-s", "6000", "239.1.1.1/5000/1e2"], "'1e2': invalid TTL"),
+    (["-s", "6000", "127.0.0.1"], "missing UDP port"),
+    (["-s", "6000", "/5000"], "missing host"),
+    (["-s", "6000", "[::1/5000"], "missing ']'"),
+    (["-s", "6000", "h/5000/1/2"], "too many fields"),
+    (["-r", "-s", "6001", "127.0.0.1/5000"], "must be even when using RTP mode (TCP port 6001)"),
+    (["-r", "-s", "6000", "127.0.0.1/5001"], "must be even when using RTP mode (UDP port 5001)"),
+    (["-r", "-c", "h/6001", "127.0.0.1/5000"], "must be even when using RTP mode (TCP port 6001)"),
+    (["-r", "-s", "6000", "--udp-bind", "5003", "h/5000"], "(UDP bind port 5003)"),
+    (["-s", "6000", "127.0.0.1/5000", "extra"], "unexpected extra argument (extra)"),
+    (["-s", "6000"], "Missing argument 'UDP-ADDR/UDP-PORT[/TTL]'"),
+    (["-s"], "Option '-s' requires an argument"),
+    (["-x", "-s", "6000", "h/5000"], "No such option"),
+    (["-s", "6000", "no-such-host.invalid/5000"], "no-such-host.invalid: UDP host unknown"),
+    (["-c", "no-such-host.invalid/6000", "127.0.0.1/5000"], "no-such-host.invalid: TCP host"),
+    (["-s", "6000", "--udp-bind", "no-such-host.invalid", "127.0.0.1/5000"], "UDP bind host"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    status, stderr = invoke(*args)
+    assert status == 2
+    assert_one_line(stderr, message)
+
+
+def test_connection_refused_is_one_line_and_exit_1() -> None:
+    port = free_port()  # nothing listens there
+    udp = free_port()
+    status, stderr = invoke(
+        "-c", f"127.0.0.1/{port}", "--udp-bind", f"127.0.0.1/{udp}", "127.0.0.1/9"
+    )
+    assert status == 1
+    assert_one_line(stderr, f"cannot connect to TCP 127.0.0.1/{port}: Connection refused")
+
+
+def test_tcp_port_in_use_is_one_line_and_exit_1() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        udp = f"127.0.0.1/{free_port()}"
+        status, stderr = invoke("-s", f"127.0.0.1/{port}", "--udp-bind", udp, "127.0.0.1/9")
+    assert status == 1
+    assert_one_line(stderr, f"cannot listen on TCP 127.0.0.1/{port}: Address already in use")
+
+
+def test_udp_port_in_use_is_one_line_and_exit_1() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        status, stderr = invoke("-s", "6000", "--udp-bind", f"127.0.0.1/{port}", "127.0.0.1/9")
+    assert status == 1
+    assert_one_line(stderr, f"cannot receive UDP on 127.0.0.1/{port}: Address already in use")
+
+
+def test_permission_denied_is_one_line_and_exit_1() -> None:
+    # Sending to the broadcast address needs SO_BROADCAST, which the tunnel does not set.
+    status, stderr = invoke("-s", "6000", "255.255.255.255/5000")
+    assert status == 1
+    assert_one_line(stderr, "cannot send UDP to 255.255.255.255/5000: Permission denied")
+
+
+def test_help_and_version_exit_0() -> None:
+    for flag in ("-h", "--help"):
+        result = CliRunner().invoke(command, [flag], prog_name="udptunnel")
+        assert result.exit_code == 0
+        assert "UDP-ADDR/UDP-PORT[/TTL]" in result.stdout
+    result = CliRunner().invoke(command, ["--version"], prog_name="udptunnel")
+    assert result.exit_code == 0
+    assert result.stdout == f"udptunnel {__version__}\n"

@@ -1,0 +1,69 @@
+"""The pure parsers: every address form the original took, and the new ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from udptunnel.config import Address, Mode, Relay, build_config, parse_udp, split_address
+from udptunnel.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "fields"),
+    [
+        ("127.0.0.1/5000", "127.0.0.1", ["5000"]),
+        ("127.0.0.1:5000", "127.0.0.1", ["5000"]),
+        ("239.1.2.3/5000/16", "239.1.2.3", ["5000", "16"]),
+        ("239.1.2.3:5000:16", "239.1.2.3", ["5000", "16"]),
+        ("example.org/5000", "example.org", ["5000"]),
+        ("example.org", "example.org", []),
+        ("::1/5000", "::1", ["5000"]),
+        ("[::1]:5000", "::1", ["5000"]),
+        ("[::1]/5000/3", "::1", ["5000", "3"]),
+        ("[ff15::1]:5000:3", "ff15::1", ["5000", "3"]),
+        ("::1", "::1", []),
+        ("fe80::1%lo/5000", "fe80::1%lo", ["5000"]),
+    ],
+)
+def test_address_forms(text: str, host: str, fields: list[str]) -> None:
+    assert split_address(text) == (host, fields)
+
+
+def test_udp_ttl_defaults_to_one() -> None:
+    assert parse_udp("239.1.2.3/5000") == (Address("239.1.2.3", 5000), 1)
+    assert parse_udp("239.1.2.3/5000/0") == (Address("239.1.2.3", 5000), 0)
+
+
+def test_client_tcp_port_defaults_to_the_udp_port() -> None:
+    config = build_config(server=None, client="example.org", udp="127.0.0.1/5000")
+    assert config.mode is Mode.CLIENT
+    assert config.tcp == Address("example.org", 5000)
+    assert config.udp_bind == Address(None, 5000)
+
+
+def test_server_listens_everywhere_unless_given_an_address() -> None:
+    assert build_config(server="6000", client=None, udp="h/5").tcp == Address(None, 6000)
+    assert build_config(server="::1/6000", client=None, udp="h/5").tcp == Address("::1", 6000)
+
+
+def test_udp_bind_takes_an_address_a_port_or_both() -> None:
+    def bind(text: str) -> Address:
+        return build_config(server="6000", client=None, udp="h/5000", udp_bind=text).udp_bind
+
+    assert bind("127.0.0.2") == Address("127.0.0.2", 5000)
+    assert bind("5001") == Address(None, 5001)
+    assert bind("[::1]:5001") == Address("::1", 5001)
+
+
+def test_rtp_mode_relays_two_consecutive_port_pairs() -> None:
+    config = build_config(server=None, client="h/6000", udp="g/5000", udp_bind="b/7000", rtp=True)
+    assert config.relays == (
+        Relay(Address("h", 6000), Address("g", 5000), Address("b", 7000)),
+        Relay(Address("h", 6001), Address("g", 5001), Address("b", 7001)),
+    )
+
+
+@pytest.mark.parametrize("udp_bind", ["b/7001", None])
+def test_rtp_mode_checks_every_port_even_the_defaulted_ones(udp_bind: str | None) -> None:
+    with pytest.raises(ConfigError, match="must be even"):
+        build_config(server=None, client="h", udp="g/5001", udp_bind=udp_bind, rtp=True)

@@ -1,0 +1,163 @@
+"""The relay in-process, over a real socket pair and real UDP sockets on loopback."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from udptunnel.counters import Counters
+from udptunnel.errors import TunnelError
+from udptunnel.framing import Decoder, encode
+from udptunnel.relay import UdpSockets, run_relay
+
+CEILING = 10  # seconds: no test here may take longer
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Rig:
+    """A relay under test and the far ends of everything it is connected to."""
+
+    peer: trio.SocketStream  # the other end of the relay's TCP stream
+    app: trio.socket.SocketType  # the application the relay sends datagrams to
+    udp: UdpSockets
+    counters: Counters
+    done: trio.Event
+    decoder: Decoder
+
+    async def send_to_tunnel(self, datagram: bytes) -> None:
+        """Send a datagram from the application to the relay's receive socket."""
+        await self.app.sendto(datagram, self.udp.receive.getsockname())
+
+    async def frame_from_tunnel(self) -> bytes:
+        """The next datagram the relay put on TCP."""
+        while True:
+            if frames := self.decoder.feed(await self.peer.receive_some(65536)):
+                assert len(frames) == 1, frames
+                return frames[0]
+
+
+async def udp_socket(address: tuple[str, int] = (LOOPBACK, 0)) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(address)
+    return sock
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Both ends of a real TCP connection on loopback."""
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    async with listeners[0] as listener:
+        client = await trio.testing.open_stream_to_socket_listener(listener)
+        return await listener.accept(), client
+
+
+@asynccontextmanager
+async def relay_rig(destination: tuple[str, int] | None = None) -> AsyncIterator[Rig]:
+    """Run ``run_relay`` over a loopback TCP connection, with an app on loopback.
+
+    Args:
+        destination: where the relay sends UDP; by default, the app's socket.
+    """
+    with trio.fail_after(CEILING):
+        stream, peer = await tcp_pair()
+        with await udp_socket() as app, await udp_socket() as receive:
+            send = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with send:
+                await send.connect(destination or app.getsockname())
+                udp = UdpSockets(receive, send, send.getsockname())
+                rig = Rig(peer, app, udp, Counters(), trio.Event(), Decoder())
+                async with stream, peer, trio.open_nursery() as nursery:
+
+                    async def relay() -> None:
+                        await run_relay(stream, udp, rig.counters)
+                        rig.done.set()
+
+                    nursery.start_soon(relay)
+                    yield rig
+                    nursery.cancel_scope.cancel()
+
+
+async def test_datagrams_cross_both_ways_zero_length_too() -> None:
+    async with relay_rig() as rig:
+        for datagram in (b"", b"first", b"", bytes(1400)):
+            await rig.send_to_tunnel(datagram)
+            assert await rig.frame_from_tunnel() == datagram
+            await rig.peer.send_all(encode(datagram))
+            assert (await rig.app.recvfrom(65536))[0] == datagram
+        await trio.testing.wait_all_tasks_blocked()  # the relay counts after its send returns
+        assert not rig.done.is_set()
+        assert rig.counters.udp_to_tcp_datagrams == rig.counters.tcp_to_udp_datagrams == 4
+        assert rig.counters.udp_to_tcp_bytes == rig.counters.tcp_to_udp_bytes == 1405
+
+
+async def test_every_frame_of_one_tcp_write_is_sent() -> None:
+    sent = [i.to_bytes(2, "big") for i in range(200)]  # fits the app's default receive buffer
+    async with relay_rig() as rig:
+        await rig.peer.send_all(b"".join(map(encode, sent)))
+        received = [(await rig.app.recvfrom(100))[0] for _ in sent]
+    assert received == sent
+
+
+async def test_a_frame_too_large_for_udp_is_dropped_and_the_tunnel_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="udptunnel")
+    async with relay_rig() as rig:
+        await rig.peer.send_all(encode(bytes(65535)) + encode(b"after"))  # IPv4 max: 65507
+        assert (await rig.app.recvfrom(65536))[0] == b"after"
+        assert rig.counters.dropped_too_large == 1
+    assert "Dropped a 65535-byte frame from TCP: too large for UDP" in caplog.text
+
+
+async def test_own_output_looped_back_is_dropped() -> None:
+    async with relay_rig() as rig:
+        # Point the send socket at the relay's own receive socket: the original's self-loop.
+        # (Connecting again keeps the socket's address, the one the relay filters on.)
+        await rig.udp.send.connect(rig.udp.receive.getsockname())
+        assert rig.udp.send.getsockname() == rig.udp.own_address
+        await rig.peer.send_all(encode(b"echo?"))
+        await trio.testing.wait_all_tasks_blocked()  # loopback delivers within the send call
+        await rig.send_to_tunnel(b"marker")  # queued behind the looped datagram, if any
+        assert await rig.frame_from_tunnel() == b"marker"
+        assert rig.counters.dropped_own == 1
+
+
+async def test_connection_refused_is_cleared_and_the_datagram_still_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="udptunnel")
+    with await udp_socket() as placeholder:
+        closed = placeholder.getsockname()  # a port with nobody on it, once closed
+    async with relay_rig(destination=closed) as rig:
+        await rig.peer.send_all(encode(b"into the void"))  # answered by port unreachable
+        await trio.testing.wait_all_tasks_blocked()
+        with await udp_socket(closed) as late_app:
+            await rig.peer.send_all(encode(b"now someone listens"))
+            assert (await late_app.recvfrom(100))[0] == b"now someone listens"
+    assert "ECONNREFUSED on udp_send_sock; clearing." in caplog.text
+
+
+async def test_tcp_eof_ends_the_relay_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="udptunnel")
+    async with relay_rig() as rig:
+        await rig.peer.send_all(encode(b"whole") + encode(b"cut short")[:5])
+        assert (await rig.app.recvfrom(100))[0] == b"whole"
+        await rig.peer.send_eof()
+        await rig.done.wait()
+    assert "TCP connection closed inside a frame: 5 bytes of a 11-byte frame lost" in caplog.text
+
+
+async def test_tcp_reset_is_a_tunnel_error() -> None:
+    lost = pytest.RaisesExc(TunnelError, match="TCP connection lost")
+    with pytest.RaisesGroup(lost, flatten_subgroups=True):
+        async with relay_rig() as rig:
+            rig.peer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            rig.peer.socket.close()  # linger 0: the close sends a reset
+            await rig.done.wait()

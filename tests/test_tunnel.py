@@ -1,0 +1,128 @@
+"""Both tunnel ends in-process, on loopback with port 0: accept, connect, RTP, refusal."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import sys
+import termios
+
+import pytest
+import trio
+import trio.testing
+
+from udptunnel.config import Address, Config, Mode
+from udptunnel.counters import Counters
+from udptunnel.framing import Decoder, encode
+from udptunnel.tunnel import Ready, run_tunnel
+
+CEILING = 10  # seconds: no test here may take longer
+
+
+async def udp_socket(host: str) -> trio.socket.SocketType:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    await sock.bind((host, 0))
+    return sock
+
+
+def server_config(host: str, app: trio.socket.SocketType, *, rtp: bool = False) -> Config:
+    """A server on ``host`` with kernel-chosen ports, sending to ``app``."""
+    return Config(
+        Mode.SERVER,
+        tcp=Address(host, 0),
+        udp=Address(host, app.getsockname()[1]),
+        udp_bind=Address(host, 0),
+        rtp=rtp,
+    )
+
+
+def client_config(host: str, server: Ready, app: trio.socket.SocketType) -> Config:
+    return Config(
+        Mode.CLIENT,
+        tcp=Address(host, server.tcp[0][0][1]),
+        udp=Address(host, app.getsockname()[1]),
+        udp_bind=Address(host, 0),
+    )
+
+
+async def receive(sock: trio.socket.SocketType) -> bytes:
+    return (await sock.recvfrom(65536))[0]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_ours_to_ours_both_ways(host: str) -> None:
+    with trio.fail_after(CEILING), await udp_socket(host) as a, await udp_socket(host) as b:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
+            client = await nursery.start(run_tunnel, client_config(host, server, b), Counters())
+            for n in range(10):
+                await b.sendto(b"to a %d" % n, client.udp[0])
+                assert await receive(a) == b"to a %d" % n
+                await a.sendto(b"to b %d" % n, server.udp[0])
+                assert await receive(b) == b"to b %d" % n
+            nursery.cancel_scope.cancel()
+
+
+async def test_datagrams_sent_before_the_client_connects_are_forwarded() -> None:
+    host = "127.0.0.1"
+    with trio.fail_after(CEILING), await udp_socket(host) as a, await udp_socket(host) as b:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
+            for n in range(3):
+                await a.sendto(b"early %d" % n, server.udp[0])
+            await nursery.start(run_tunnel, client_config(host, server, b), Counters())
+            assert [await receive(b) for _ in range(3)] == [b"early 0", b"early 1", b"early 2"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_further_client_is_closed_at_once_and_the_first_keeps_working() -> None:
+    host = "127.0.0.1"
+    with trio.fail_after(CEILING), await udp_socket(host) as a:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
+            port = server.tcp[0][0][1]
+            async with await trio.open_tcp_stream(host, port) as first:
+                for _ in range(2):
+                    async with await trio.open_tcp_stream(host, port) as extra:
+                        assert await extra.receive_some(1) == b""  # closed, not left hanging
+                await first.send_all(encode(b"still here"))
+                assert await receive(a) == b"still here"
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_server_ends_when_its_client_closes() -> None:
+    host = "127.0.0.1"
+    with trio.fail_after(CEILING), await udp_socket(host) as a:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
+            async with await trio.open_tcp_stream(host, server.tcp[0][0][1]):
+                pass
+        # The nursery exits only because run_tunnel returned by itself.
+
+
+def readable_bytes(stream: trio.SocketStream) -> int:
+    """How many bytes wait in the stream's receive queue, without reading them."""
+    count = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(count, sys.byteorder)
+
+
+async def test_rtp_server_relays_nothing_until_both_connections_exist() -> None:
+    host = "127.0.0.1"
+    with trio.fail_after(CEILING), await udp_socket(host) as a:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a, rtp=True), Counters())
+            assert len(server.tcp) == len(server.udp) == 2
+            rtp = await trio.open_tcp_stream(host, server.tcp[0][0][1])
+            await a.sendto(b"rtp", server.udp[0])
+            await trio.testing.wait_all_tasks_blocked()
+            assert readable_bytes(rtp) == 0  # nothing relayed yet
+            rtcp = await trio.open_tcp_stream(host, server.tcp[1][0][1])
+            await a.sendto(b"rtcp", server.udp[1])
+            decoders = Decoder(), Decoder()
+            assert decoders[0].feed(await rtp.receive_some(100)) == [b"rtp"]
+            assert decoders[1].feed(await rtcp.receive_some(100)) == [b"rtcp"]
+            # One relay ending ends both: close RTCP, and RTP sees the server close too.
+            await rtcp.aclose()
+            assert await rtp.receive_some(100) == b""
+            await rtp.aclose()
