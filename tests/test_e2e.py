@@ -192,3 +192,40 @@ def test_5000_frames_in_one_tcp_send_arrive_as_5000_datagrams(spawn: type[Proces
     assert received == sent
     assert server.wait() == 0
     app.close()
+
+
+def start_server(spawn: type[Process], *args: str) -> tuple[Process, socket.socket]:
+    """A server with the given flags and UDP address, and a raw TCP peer connected to it."""
+    port = free_port()
+    server = spawn([UDPTUNNEL, "-s", str(port), *args])
+    server.wait_for("Listening for TCP connections")
+    peer = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    server.wait_for("TCP connection from")
+    return server, peer
+
+
+def test_the_tunnel_does_not_hear_its_own_output(spawn: type[Process]) -> None:
+    # No --udp-bind and a local destination: the original's self-loop.
+    port = free_port()
+    server, peer = start_server(spawn, "-vv", f"127.0.0.1/{port}")
+    with peer, udp_socket() as app:
+        peer.sendall(struct.pack("!H", 5) + b"loop?")
+        server.wait_for(r"Received 5 byte UDP packet from 127\.0\.0\.1/\d+")  # and dropped it
+        app.sendto(b"marker", ("127.0.0.1", port))
+        assert peer.recv(100) == struct.pack("!H", 6) + b"marker"
+    assert server.wait() == 0
+    assert "dropped: 1 (1 own, 0 too large, 0 unsent)" in server.stderr
+
+
+def test_a_reset_connection_exits_1_with_one_line_not_sigpipe(spawn: type[Process]) -> None:
+    a_in = free_port()
+    server, peer = start_server(spawn, "-v", "--udp-bind", f"127.0.0.1/{a_in}", "127.0.0.1/9")
+    with udp_socket() as app:
+        app.sendto(b"queued for the peer", ("127.0.0.1", a_in))
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # linger 0: a reset, not a FIN
+        for _ in range(3):
+            app.sendto(b"more", ("127.0.0.1", a_in))
+    assert server.wait() == 1
+    assert server.lines[-1].startswith("udptunnel: TCP connection lost while ")
+    assert server.lines[-1].endswith(("Connection reset by peer", "Broken pipe"))

@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from udptunnel import tunnel
 from udptunnel.config import Address, Config, Mode
 from udptunnel.counters import Counters
 from udptunnel.framing import Decoder, encode
@@ -126,3 +127,55 @@ async def test_rtp_server_relays_nothing_until_both_connections_exist() -> None:
             await rtcp.aclose()
             assert await rtp.receive_some(100) == b""
             await rtp.aclose()
+
+
+async def test_both_streams_have_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    original = tunnel.run_relay
+
+    async def recording(stream: trio.SocketStream, *args: object) -> None:
+        seen.append(stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        await original(stream, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tunnel, "run_relay", recording)
+    host = "127.0.0.1"
+    with trio.fail_after(CEILING), await udp_socket(host) as a, await udp_socket(host) as b:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
+            client = await nursery.start(run_tunnel, client_config(host, server, b), Counters())
+            await b.sendto(b"through", client.udp[0])  # proves both relays are running
+            assert await receive(a) == b"through"
+            nursery.cancel_scope.cancel()
+    assert seen == [1, 1]
+
+
+async def test_a_wildcard_server_listens_on_ipv4_and_ipv6_with_one_port() -> None:
+    with trio.fail_after(CEILING), await udp_socket("127.0.0.1") as a:
+        config = server_config("127.0.0.1", a)
+        config = Config(Mode.SERVER, Address(None, 0), config.udp, config.udp_bind)
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, config, Counters())
+            assert sorted(len(address) for address in server.tcp[0]) == [2, 4]  # IPv4, IPv6
+            (port,) = {address[1] for address in server.tcp[0]}
+            async with await trio.open_tcp_stream("::1", port) as peer:
+                await peer.send_all(encode(b"over IPv6"))
+                assert await receive(a) == b"over IPv6"
+
+
+async def test_host_names_resolve() -> None:
+    host = "127.0.0.1"
+    with trio.fail_after(CEILING), await udp_socket(host) as a, await udp_socket(host) as b:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
+            config = client_config(host, server, b)
+            by_name = Config(
+                Mode.CLIENT,
+                Address("localhost", config.tcp.port),
+                Address("localhost", config.udp.port),
+                Address("localhost", 0),
+            )
+            client = await nursery.start(run_tunnel, by_name, Counters())
+            await a.sendto(b"by name", server.udp[0])
+            assert await receive(b) == b"by name"
+            assert client.tcp[0][0][:2] == (host, config.tcp.port)
+            nursery.cancel_scope.cancel()

@@ -183,6 +183,8 @@ async def _open_listeners(plan: _Plan) -> list[trio.SocketListener]:
     socks: list[trio.socket.SocketType] = []
     try:
         for family, address in plan.tcp:
+            if socks and address[1] == 0:  # port 0: the same kernel-chosen port everywhere
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
             try:
                 sock = trio.socket.socket(family, socket.SOCK_STREAM)
             except OSError as exc:
