@@ -300,7 +300,7 @@ def test_validation_ours(network: Network, spawn: Spawn, deadline: Deadline) -> 
     with host.open_udp_socket(*VALIDATION_LISTENER, timeout=WAIT, reuse_address=True):
         clash = spawn([UDPTUNNEL, "-s", str(VALIDATION_TCP), "127.0.0.1/5500"], prefix=host.prefix)
         assert clash.wait(deadline.timeout()) == 1
-        assert "Address already in use" in clash.stderr
+        assert "Address already in use (--udp-bind chooses another address or port)" in clash.stderr
     run_validation(host, spawn, deadline, UDPTUNNEL, ["--udp-bind", "127.0.0.1/5501"])
 
 

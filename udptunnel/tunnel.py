@@ -139,7 +139,10 @@ async def _open_udp(stack: contextlib.ExitStack[Any], plan: _Plan, ttl: int) -> 
         await receive.bind(bind_address)
     except OSError as exc:
         where = f"{bind_address[0]}/{bind_address[1]}"
-        raise TunnelError(f"cannot receive UDP on {where}: {_strerror(exc)}") from exc
+        hint = ""
+        if exc.errno == errno.EADDRINUSE and plan.relay.udp_bind.host is None:
+            hint = " (--udp-bind chooses another address or port)"  # an app shares the host
+        raise TunnelError(f"cannot receive UDP on {where}: {_strerror(exc)}{hint}") from exc
     if (
         multicast
         and bind_family == family
