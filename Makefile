@@ -2,6 +2,7 @@
 #   make demo    a real tunnel on loopback, with traffic crossing it
 #   make test    the whole test suite
 #   make check   lint and test
+#   make bench   our tunnel against Debian's original and the bare kernel path (root)
 # The virtual environment in $(VENV) is made on first use; nothing is installed by hand.
 
 PYTHON ?= python3
@@ -9,11 +10,13 @@ VENV ?= .venv
 PREFIX ?= /usr/local
 DESTDIR ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: all venv demo test lint check install uninstall clean
+.PHONY: all venv demo test lint check bench install uninstall clean
 
 all: venv
 
@@ -39,6 +42,14 @@ lint: $(STAMP)
 	if [ -n "$$out" ]; then echo "$$out"; exit 1; fi
 
 check: lint test
+
+# The benchmark's plotting extra goes into the same environment, only when it is first run.
+$(BENCH_STAMP): $(STAMP)
+	$(VPY) -m pip install --quiet --disable-pip-version-check --editable '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(VPY) contrib/bench/run.py $(BENCH_ARGS)
 
 install:
 	$(PYTHON) -m pip install --disable-pip-version-check --no-deps \

@@ -1,0 +1,853 @@
+"""``make bench``: our udptunnel, Debian's C original and plain kernel forwarding, side by side.
+
+Builds the four-host chain of ``tests.netns`` (appA -- tunA -- tunB -- appB over veth pairs)
+and drives each subject through the same scenarios, in the same run:
+
+- ``kernel``: no tunnel; tunA and tunB forward IP between the applications (the ceiling);
+- ``original``: /usr/bin/udptunnel, server in tunA and client in tunB;
+- ``ours``: this repository's udptunnel (the virtual environment's console script), the same
+  command lines.
+
+The load comes from ``udpload`` (udpload.c beside this file, built here with gcc), one
+process per application host. Each case gets fresh tunnel processes. Results: a table on
+standard output, JSON (build/bench/results.json) and a plot of latency against offered load
+(build/bench/latency.png). README.rst beside this file says how to read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import analysis  # noqa: E402
+import report  # noqa: E402
+
+from tests.netns import (  # noqa: E402
+    APP_A,
+    APP_B,
+    TUN_A_LAN,
+    TUN_A_WAN,
+    TUN_B_LAN,
+    TUN_B_WAN,
+    Chain,
+    Namespace,
+    open_chain,
+)
+
+HERE = Path(__file__).resolve().parent
+BUILD = REPO / "build" / "bench"
+UDPLOAD_SOURCE = HERE / "udpload.c"
+UDPLOAD = BUILD / "udpload"
+OURS = str(Path(sys.executable).parent / "udptunnel")  # the console script, as users run it
+ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel
+SUBJECTS = ("kernel", "original", "ours")
+
+TCP_PORT = 6000
+PORT_A = 5000  # appA's port; tunA's end receives on it and sends to appA on it
+PORT_B = 5002  # the same for appB and tunB
+WAIT = 10.0  # seconds: the most any one expected event may take (a start, a line of output)
+START_DELAY_NS = 100_000_000  # from "go" to the first datagram: every sender is waiting
+FREEZE_NS = 200_000_000  # how long the server tunnel is stopped in the freeze scenario
+DRAIN_IDLE_MS = 300  # after sending, a sink stops once nothing came for this long
+DRAIN_MAX_MS = 5000  # ... or this long after sending ended at the latest
+SOCKET_BUFFER = 32 << 20  # bytes, SO_RCVBUF and SO_SNDBUF of the load sockets
+UNIX_QUEUE = "512"  # net.unix.max_dgram_qlen for the acknowledgements (default 10)
+RSS_PERIOD_NS = 1_000_000_000  # the soak scenario samples each tunnel's VmRSS this often
+POLL = 0.01  # seconds between looks while traffic runs
+# A paced sender wakes at most once per tick and sends whatever is due: at 80,000/s that is
+# 16 datagrams per wake-up, not one, which keeps the generator's CPU far below the tunnel's.
+PACE_TICK_US = 200
+CPU_LOAD, CPU_TUNNEL = "0", "1"  # with --pin split: the load tools' core and the tunnels'
+
+FULL_EVENT_AT, QUICK_EVENT_AT = 2.0, 1.0  # seconds after the start: the burst, the freeze
+SWEEP_RATES = (1_000, 5_000, 10_000, 20_000, 40_000, 80_000)  # datagrams/s of 200 B
+
+
+# --- what to run ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One direction of traffic: who sends, how big, how fast."""
+
+    source: str  # "A" or "B": the application that sends; the other one receives
+    size: int  # UDP payload bytes
+    rate: float = 0.0  # paced, datagrams/s; 0 (and no window): unpaced, as fast as possible
+    window: int = 0  # closed loop: at most this many datagrams in flight
+    burst: int = 0  # this many extra datagrams at once, at the scenario's event time
+
+    @property
+    def name(self) -> str:
+        return "A>B" if self.source == "A" else "B>A"
+
+    @property
+    def sink(self) -> str:
+        return "B" if self.source == "A" else "A"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    flows: tuple[Flow, ...]
+    seconds: float  # how long the senders send, in a full run
+    quick_seconds: float  # ... and with --quick
+    kind: str = "plain"  # capacity, overload, flood, burst, freeze, steady, soak, sweep
+    tunnels_only: bool = False  # measures tunnel processes: nothing to see with "kernel"
+    minimum: float = 0.0  # seconds: never shorter than this, whatever --duration says
+
+
+A_B, B_A = "A", "B"
+SCENARIOS = [
+    Scenario(
+        "rtp-50",
+        "RTP-like: 200 B at 50/s both ways",
+        (Flow(A_B, 200, rate=50), Flow(B_A, 200, rate=50)),
+        10,
+        2,
+    ),
+    Scenario("paced-200", "200 B at 1,000/s", (Flow(A_B, 200, rate=1000),), 10, 2),
+    Scenario("paced-1200", "1200 B at 1,000/s", (Flow(A_B, 1200, rate=1000),), 10, 2),
+    Scenario(
+        "capacity-64",
+        "closed loop, 64 in flight, 64 B (one-way capacity)",
+        (Flow(A_B, 64, window=64),),
+        10,
+        2,
+        kind="capacity",
+    ),
+    Scenario(
+        "capacity-200",
+        "closed loop, 64 in flight, 200 B (one-way capacity)",
+        (Flow(A_B, 200, window=64),),
+        10,
+        2,
+        kind="capacity",
+    ),
+    Scenario(
+        "capacity-1400",
+        "closed loop, 64 in flight, 1400 B (one-way capacity)",
+        (Flow(A_B, 1400, window=64),),
+        10,
+        2,
+        kind="capacity",
+    ),
+    Scenario("overload-64", "unpaced overload, 64 B", (Flow(A_B, 64),), 10, 2, kind="overload"),
+    Scenario("overload-512", "unpaced overload, 512 B", (Flow(A_B, 512),), 10, 2, kind="overload"),
+    Scenario(
+        "overload-1400", "unpaced overload, 1400 B", (Flow(A_B, 1400),), 10, 2, kind="overload"
+    ),
+    Scenario(
+        "flood-both",
+        "unpaced 512 B both ways at once",
+        (Flow(A_B, 512), Flow(B_A, 512)),
+        10,
+        2,
+        kind="flood",
+    ),
+    Scenario(
+        "burst",
+        "500 datagrams at once into 200 B at 100/s",
+        (Flow(A_B, 200, rate=100, burst=500),),
+        6,
+        3.5,
+        kind="burst",
+        minimum=4,
+    ),
+    Scenario(
+        "freeze",
+        "server tunnel stopped 0.2 s (SIGSTOP) in 200 B at 1,000/s both ways",
+        (Flow(A_B, 200, rate=1000), Flow(B_A, 200, rate=1000)),
+        6,
+        3.5,
+        kind="freeze",
+        minimum=4,
+    ),
+    Scenario(
+        "steady-60", "1200 B at 1,000/s, long", (Flow(A_B, 1200, rate=1000),), 60, 5, kind="steady"
+    ),
+    Scenario(
+        "soak-60",
+        "unpaced 512 B both ways, long, tunnels' RSS sampled each second",
+        (Flow(A_B, 512), Flow(B_A, 512)),
+        60,
+        5,
+        kind="soak",
+        tunnels_only=True,
+    ),
+]
+SWEEP = Scenario("sweep", "200 B paced at rising rates (the plot)", (), 5, 1, kind="sweep")
+NAMES = [s.name for s in SCENARIOS] + [SWEEP.name]
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+class Child:
+    """A process started here: its PID, and one of its outputs collected line by line."""
+
+    def __init__(self, argv: Sequence[str], *, read: str, stdin: bool = False) -> None:
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if read == "stdout" else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid  # `ip netns exec` and `taskset` exec: this is the program
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        main = self.proc.stdout if read == "stdout" else self.proc.stderr
+        threading.Thread(target=self._read, args=(main, self._queue), daemon=True).start()
+        if read == "stdout":
+            threading.Thread(target=self._collect_errors, daemon=True).start()
+
+    def _read(self, stream: Any, into: queue.Queue[str | None]) -> None:
+        for line in stream:
+            into.put(line.rstrip("\n"))
+        into.put(None)
+
+    def _collect_errors(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.errors.append(line.rstrip("\n"))
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next line of output, or None if none came within ``timeout`` seconds.
+
+        Raises:
+            RuntimeError: the process ended first.
+        """
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if line is None:
+            self._queue.put(None)
+            status = self.proc.wait()
+            raise RuntimeError(f"{self.describe()} exited ({status}): {self.output()}")
+        self.lines.append(line)
+        return line
+
+    def wait_for(self, pattern: str, timeout: float = WAIT) -> str:
+        """Wait for a line of output matching ``pattern``; RuntimeError if none comes."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        for line in self.lines:
+            if regex.search(line):
+                return line
+        while (left := deadline - time.monotonic()) > 0:
+            line = self.next_line(left)
+            if line is not None and regex.search(line):
+                return line
+        raise RuntimeError(f"{self.describe()}: no {pattern!r} in {timeout} s: {self.output()}")
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = WAIT) -> int | None:
+        """SIGTERM, then SIGKILL if it does not end in time; its exit status."""
+        self.signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """Kill this process, by its PID, if it is still running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def drain(self) -> list[str]:
+        """Every line of output, once the process has ended."""
+        while True:
+            try:
+                line = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                break
+            if line is None:
+                self._queue.put(None)
+                break
+            self.lines.append(line)
+        return self.lines
+
+    def describe(self) -> str:
+        return " ".join(self.argv[self.argv.index("exec") + 2 :] if "exec" in self.argv else [])
+
+    def output(self) -> str:
+        return " | ".join([*self.lines[-5:], *self.errors[-5:]])
+
+
+class Children:
+    """Every process a case starts; on exit each one still running is killed by its PID."""
+
+    def __init__(self) -> None:
+        self.started: list[Child] = []
+
+    def spawn(self, argv: Sequence[str], *, read: str, stdin: bool = False) -> Child:
+        child = Child(argv, read=read, stdin=stdin)
+        self.started.append(child)
+        return child
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for child in self.started:
+            child.kill()
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time (user and system) of every thread of ``pid`` so far, in ns.
+
+    The sum of each thread's /proc/PID/task/TID/schedstat run time: utime+stime at ns
+    resolution, where /proc/PID/stat counts in 10 ms ticks.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak resident size) of ``pid``, in kB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def udp_errors(chain: Chain) -> dict[str, int]:
+    """Per namespace: UDP datagrams the kernel dropped (receive errors, full send buffers)."""
+    out = {}
+    for ns in namespaces(chain):
+        counters = ns.snmp("Udp")
+        out[ns.role] = counters["InErrors"] + counters.get("SndbufErrors", 0)
+    return out
+
+
+def namespaces(chain: Chain) -> tuple[Namespace, ...]:
+    return (chain.app_a, chain.tun_a, chain.tun_b, chain.app_b)
+
+
+# --- building udpload, the topology -----------------------------------------------------------
+
+
+def build_udpload() -> None:
+    """Compile udpload.c into build/bench/ unless the binary is newer than the source."""
+    if UDPLOAD.exists() and UDPLOAD.stat().st_mtime >= UDPLOAD_SOURCE.stat().st_mtime:
+        return
+    BUILD.mkdir(parents=True, exist_ok=True)
+    argv = ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(UDPLOAD)]
+    subprocess.run([*argv, str(UDPLOAD_SOURCE), "-lm"], check=True)
+    print(f"built {UDPLOAD.relative_to(REPO)}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def forwarding(chain: Chain) -> Iterator[None]:
+    """Let tunA and tunB route between appA and appB: the kernel path, with no tunnel."""
+    for ns in (chain.tun_a, chain.tun_b):
+        ns.sysctl("net.ipv4.ip_forward", "1")
+    try:
+        yield
+    finally:
+        for ns in (chain.tun_a, chain.tun_b):
+            ns.sysctl("net.ipv4.ip_forward", "0")
+
+
+@contextlib.contextmanager
+def open_bench_chain() -> Iterator[Chain]:
+    """The chain of tests.netns, plus routes over the WAN link for the kernel subject.
+
+    The routes do nothing until ``forwarding`` turns forwarding on: the tunnel subjects send
+    only to their tunnel host's addresses.
+    """
+    with open_chain() as chain:
+        chain.tun_a.ip("route", "add", APP_B.rsplit(".", 1)[0] + ".0/24", "via", TUN_B_WAN)
+        chain.tun_b.ip("route", "add", APP_A.rsplit(".", 1)[0] + ".0/24", "via", TUN_A_WAN)
+        for ns in (chain.app_a, chain.app_b):
+            ns.sysctl("net.unix.max_dgram_qlen", UNIX_QUEUE)
+        yield chain
+
+
+@dataclass
+class Tunnels:
+    server: Child
+    client: Child
+
+
+def start_tunnels(children: Children, chain: Chain, program: str, pin: list[str]) -> Tunnels:
+    """Server end in tunA, client end in tunB, as in tests/test_netns.py; ready to relay.
+
+    Ready means: the server listens, the client is connected, the server has accepted, and
+    both UDP ports are bound (the original client binds only after it reports the connection).
+    """
+    server = children.spawn(
+        [*chain.tun_a.prefix, *pin, program, "-v", "-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"],
+        read="stderr",
+    )
+    server.wait_for(rf"Listening for TCP connections on port {TCP_PORT}$")
+    client = children.spawn(
+        [
+            *chain.tun_b.prefix,
+            *pin,
+            program,
+            "-v",
+            "-c",
+            f"{TUN_A_WAN}/{TCP_PORT}",
+            f"{APP_B}/{PORT_B}",
+        ],
+        read="stderr",
+    )
+    client.wait_for(rf"Connected TCP to {re.escape(TUN_A_WAN)}/{TCP_PORT}$")
+    server.wait_for(rf"TCP connection from {re.escape(TUN_B_WAN)}/\d+$")
+    chain.tun_a.wait_udp_bound(PORT_A, WAIT)
+    chain.tun_b.wait_udp_bound(PORT_B, WAIT)
+    return Tunnels(server, client)
+
+
+def reported_drops(lines: list[str]) -> dict[str, int] | None:
+    """What a tunnel end says it dropped, from its closing summary line (ours has one).
+
+    ``dropped``: every drop it reports ("dropped: N"); ``own``: those the kernel did not
+    count already. Ours also reports receive-queue overflows the kernel told it of ("N queue
+    full"), which the namespace's UDP InErrors count too.
+    """
+    found = None
+    for line in lines:
+        if match := re.search(r"dropped:?\s+(\d+)", line):
+            overflow = re.search(r"(\d+) (?:queue full|overflow)", line)
+            dropped = int(match.group(1))
+            found = {"dropped": dropped, "own": dropped - int(overflow.group(1) if overflow else 0)}
+    return found
+
+
+# --- one case: a scenario for one subject -----------------------------------------------------
+
+
+@dataclass
+class Options:
+    quick: bool
+    scale: float
+    pin: str
+    tmp: Path
+    subjects: list[str]
+
+    def seconds(self, scenario: Scenario) -> float:
+        base = scenario.quick_seconds if self.quick else scenario.seconds
+        return max(base * self.scale, scenario.minimum if not self.quick else 0.0, 0.5)
+
+    def event_at(self) -> float:
+        return QUICK_EVENT_AT if self.quick else FULL_EVENT_AT
+
+    def pin_load(self) -> list[str]:
+        return ["taskset", "-c", CPU_LOAD] if self.pin == "split" else []
+
+    def pin_tunnel(self) -> list[str]:
+        return ["taskset", "-c", CPU_TUNNEL] if self.pin == "split" else []
+
+
+@dataclass
+class Load:
+    """The udpload process of one application host, and what it sends and receives."""
+
+    app: str  # "A" or "B"
+    child: Child
+    sends: Flow | None
+    receives: Flow | None
+    records: Path
+    totals: dict[str, Any] = field(default_factory=dict)
+
+
+def destination(subject: str, flow: Flow) -> str:
+    """Where the sender addresses its datagrams: its tunnel end, or the far application."""
+    if subject == "kernel":
+        return f"{APP_B}:{PORT_B}" if flow.source == A_B else f"{APP_A}:{PORT_A}"
+    return f"{TUN_A_LAN}:{PORT_A}" if flow.source == A_B else f"{TUN_B_LAN}:{PORT_B}"
+
+
+def start_load(
+    children: Children,
+    chain: Chain,
+    subject: str,
+    flows: Sequence[Flow],
+    seconds: float,
+    options: Options,
+    tag: str,
+) -> list[Load]:
+    loads = []
+    for app, ns, address, port in (
+        (A_B, chain.app_a, APP_A, PORT_A),
+        (B_A, chain.app_b, APP_B, PORT_B),
+    ):
+        sends = next((f for f in flows if f.source == app), None)
+        receives = next((f for f in flows if f.sink == app), None)
+        if not sends and not receives:
+            continue
+        records = options.tmp / f"{tag}-{app}.bin"
+        argv = [*ns.prefix, *options.pin_load(), str(UDPLOAD), "--bind", f"{address}:{port}"]
+        argv += ["--buffer", str(SOCKET_BUFFER)]
+        if sends:
+            argv += ["--dest", destination(subject, sends), "--size", str(sends.size)]
+            argv += ["--duration", f"{seconds:.3f}"]
+            if sends.window:
+                argv += ["--window", str(sends.window), "--ack-listen", str(ack_path(options, app))]
+            elif sends.rate:
+                argv += ["--rate", str(sends.rate), "--tick-us", str(PACE_TICK_US)]
+                if sends.burst:
+                    argv += ["--burst", f"{sends.burst}@{options.event_at()}"]
+        if receives:
+            argv += ["--receive", "--records", str(records)]
+            argv += ["--drain-idle-ms", str(DRAIN_IDLE_MS), "--drain-max-ms", str(DRAIN_MAX_MS)]
+            if receives.window:
+                argv += ["--ack-to", str(ack_path(options, receives.source))]
+        child = children.spawn(argv, read="stdout", stdin=True)
+        loads.append(Load(app, child, sends, receives, records))
+    for load in loads:
+        load.child.wait_for("^ready$")
+    return loads
+
+
+def ack_path(options: Options, app: str) -> Path:
+    return options.tmp / f"ack-{app}"
+
+
+def run_case(
+    chain: Chain, subject: str, scenario: Scenario, flows: Sequence[Flow], options: Options
+) -> dict[str, Any]:
+    """Run one scenario's traffic through one subject, with fresh tunnel processes."""
+    seconds = options.seconds(scenario)
+    tag = f"{scenario.name}-{subject}-{int(flows[0].rate) if scenario.kind == 'sweep' else ''}"
+    case: dict[str, Any] = {"seconds": seconds}
+    with contextlib.ExitStack() as stack:
+        children = stack.enter_context(Children())
+        tunnels = None
+        if subject == "kernel":
+            stack.enter_context(forwarding(chain))
+        else:
+            program = ORIGINAL if subject == "original" else OURS
+            tunnels = start_tunnels(children, chain, program, options.pin_tunnel())
+        loads = start_load(children, chain, subject, flows, seconds, options, tag)
+        errors_before = udp_errors(chain)
+
+        go = time.monotonic_ns() + START_DELAY_NS
+        ends = {"server": tunnels.server, "client": tunnels.client} if tunnels else {}
+        cpu_before = {role: cpu_ns(end.pid) for role, end in ends.items()}
+        for load in loads:
+            load.child.send(f"go {go}")
+        case["events"] = drive(scenario, loads, tunnels, go, seconds, options, case)
+
+        for load in loads:
+            if load.receives:
+                load.child.signal(signal.SIGUSR1)
+        for load in loads:
+            line = load.child.wait_for(r"^\{", DRAIN_MAX_MS / 1000 + WAIT)
+            load.totals = json.loads(line)
+            load.child.proc.wait(WAIT)
+
+        case["tunnel"] = {}
+        for role, end in ends.items():
+            case["tunnel"][role] = {
+                "cpu_ns": cpu_ns(end.pid) - cpu_before[role],
+                **memory_kb(end.pid),
+            }
+        errors_after = udp_errors(chain)
+        for role, end in ends.items():
+            status = end.stop()
+            lines = end.drain()
+            case["tunnel"][role].update(
+                exit=status, dropped=reported_drops(lines), log_tail=lines[-3:]
+            )
+    case["kernel_drops"] = {ns: errors_after[ns] - errors_before[ns] for ns in errors_after}
+    case["load"] = {
+        load.app: {
+            key: load.totals[key]
+            for key in ("cpu_ns", "send_cpu_ns", "recv_cpu_ns", "malformed", "untimed")
+        }
+        for load in loads
+    }
+    analyse(case, flows, loads)
+    return case
+
+
+def drive(
+    scenario: Scenario,
+    loads: list[Load],
+    tunnels: Tunnels | None,
+    go: int,
+    seconds: float,
+    options: Options,
+    case: dict[str, Any],
+) -> dict[str, Any]:
+    """While the senders send: freeze the server, sample RSS; return when all have sent."""
+    events: dict[str, Any] = {}
+    senders = [load for load in loads if load.sends]
+    freeze_at = go + int(options.event_at() * 1e9) if scenario.kind == "freeze" else None
+    if scenario.kind == "burst":
+        events["burst_ns"] = go + int(options.event_at() * 1e9)
+    rss: dict[str, list[int]] = {"server": [], "client": []}
+    next_rss = go if scenario.kind == "soak" and tunnels else None
+    deadline = time.monotonic() + START_DELAY_NS / 1e9 + seconds + WAIT + 5
+    while senders:
+        now = time.monotonic_ns()
+        if freeze_at is not None and tunnels and now >= freeze_at:
+            tunnels.server.signal(signal.SIGSTOP)
+            events["stop_ns"] = time.monotonic_ns()
+            time.sleep(max(0.0, (events["stop_ns"] + FREEZE_NS - time.monotonic_ns()) / 1e9))
+            tunnels.server.signal(signal.SIGCONT)
+            events["cont_ns"] = time.monotonic_ns()
+            freeze_at = None
+        if next_rss is not None and tunnels and now >= next_rss:
+            rss["server"].append(memory_kb(tunnels.server.pid)["VmRSS"])
+            rss["client"].append(memory_kb(tunnels.client.pid)["VmRSS"])
+            next_rss += RSS_PERIOD_NS
+        for load in list(senders):
+            while (line := load.child.next_line(0)) is not None:
+                if line == "sent":
+                    senders.remove(load)
+                    break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"senders did not finish: {[s.child.output() for s in senders]}")
+        wake = POLL
+        if freeze_at is not None:
+            wake = min(wake, max(0.0, (freeze_at - now) / 1e9))
+        time.sleep(wake)
+    if scenario.kind == "freeze" and tunnels is None:
+        events["note"] = "no tunnel process to freeze: the same stream, undisturbed"
+        events["cont_ns"] = go + int(options.event_at() * 1e9) + FREEZE_NS
+    if next_rss is not None:
+        case["rss_kb"] = rss
+    return events
+
+
+def analyse(case: dict[str, Any], flows: Sequence[Flow], loads: list[Load]) -> None:
+    """Per-flow statistics, the totals, and CPU per delivered datagram, into ``case``."""
+    by_app = {load.app: load for load in loads}
+    record_sets = []
+    case["flows"] = {}
+    for flow in flows:
+        records = analysis.load(by_app[flow.sink].records)
+        record_sets.append(records)
+        stats = analysis.flow_stats(records, by_app[flow.source].totals, flow.size)
+        events = case["events"]
+        after = events.get("burst_ns") or events.get("cont_ns")
+        if after is not None:
+            end = by_app[flow.source].totals["send_end_ns"]
+            stats["recovery"] = analysis.recovery(records, after, end, flow.rate)
+        case["flows"][flow.name] = stats
+        with contextlib.suppress(FileNotFoundError):
+            by_app[flow.sink].records.unlink()
+    totals = case["flows"].values()
+    sent = sum(f["sent"] for f in totals)
+    delivered = sum(f["delivered"] for f in totals)
+    # Drops the tunnel ends report that the kernel's counters do not already include.
+    dropped_by_tunnel = sum((t["dropped"] or {}).get("own", 0) for t in case["tunnel"].values())
+    dropped_by_kernel = sum(case["kernel_drops"].values())
+    case["total"] = {
+        "sent": sent,
+        "delivered": delivered,
+        "lost": sent - delivered,
+        "loss_pct": 100.0 * (sent - delivered) / sent if sent else 0.0,
+        "offered_per_s": sum(f["offered_per_s"] for f in totals),
+        "delivered_per_s": sum(f["delivered_per_s"] for f in totals),
+        "mbit_per_s": sum(f["mbit_per_s"] for f in totals),
+        "dropped_by_tunnel": dropped_by_tunnel,
+        "dropped_by_kernel": dropped_by_kernel,
+        # Neither arrived nor counted as dropped anywhere: held back, or lost unaccounted.
+        "unaccounted": sent - delivered - dropped_by_tunnel - dropped_by_kernel,
+        **analysis.combined_latency(record_sets),
+    }
+    tunnel_cpu = {role: t["cpu_ns"] for role, t in case["tunnel"].items()}
+    load_cpu = sum(load["cpu_ns"] for load in case["load"].values())
+
+    def per_datagram(ns: int) -> float | None:
+        return ns / delivered / 1e3 if delivered else None
+
+    case["cpu_us_per_datagram"] = {
+        **{role: per_datagram(ns) for role, ns in tunnel_cpu.items()},
+        "both": per_datagram(sum(tunnel_cpu.values())) if tunnel_cpu else None,
+        "load": per_datagram(load_cpu),
+    }
+    case["cpu_s"] = {**{r: ns / 1e9 for r, ns in tunnel_cpu.items()}, "load": load_cpu / 1e9}
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.partition(":")[2].strip()
+            break
+    revision = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "repository": revision or "unknown",
+    }
+
+
+def run_all(options: Options, names: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {"scenarios": {}, "sweep": {}}
+    chosen = [s for s in SCENARIOS if s.name in names]
+    with open_bench_chain() as chain:
+        for scenario in chosen:
+            entry = {"title": scenario.title, "kind": scenario.kind, "subjects": {}}
+            entry["flows"] = [asdict(flow) for flow in scenario.flows]
+            results["scenarios"][scenario.name] = entry
+            for subject in options.subjects:
+                if scenario.tunnels_only and subject == "kernel":
+                    continue
+                started = time.monotonic()
+                case = run_case(chain, subject, scenario, scenario.flows, options)
+                entry["subjects"][subject] = case
+                report.progress(scenario.name, subject, case, time.monotonic() - started)
+        if SWEEP.name in names:
+            for rate in SWEEP_RATES:
+                flows = (Flow(A_B, 200, rate=rate),)
+                point = results["sweep"].setdefault(str(rate), {})
+                for subject in options.subjects:
+                    started = time.monotonic()
+                    case = run_case(chain, subject, SWEEP, flows, options)
+                    for stats in case["flows"].values():
+                        stats.pop("series")  # the plot needs the totals only
+                    point[subject] = case
+                    report.progress(f"sweep {rate}/s", subject, case, time.monotonic() - started)
+    return results
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="Short runs (long scenarios ~5 s): a smoke test.")
+@click.option(
+    "--only",
+    metavar="NAME[,NAME]",
+    help=f"Run only these scenarios: {', '.join(NAMES)}.",
+)
+@click.option(
+    "--subjects",
+    default=",".join(SUBJECTS),
+    show_default=True,
+    help="Which of kernel, original, ours to measure.",
+)
+@click.option(
+    "--duration",
+    "scale",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Scale every scenario's duration by this factor.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=BUILD / "results.json",
+    show_default=True,
+    help="Where to write the results.",
+)
+@click.option(
+    "--pin",
+    type=click.Choice(["split", "none"]),
+    default="none",
+    show_default=True,
+    help="split: load tools on CPU 0, tunnel ends on CPU 1 (taskset). none: the scheduler's.",
+)
+@click.option("--check", is_flag=True, help="Exit 1 if any target of issue 3 fails.")
+def main(
+    quick: bool,
+    only: str | None,
+    subjects: str,
+    scale: float,
+    json_path: Path,
+    pin: str,
+    check: bool,
+) -> None:
+    """Benchmark our udptunnel against Debian's original and the bare kernel path."""
+    names = NAMES if not only else [n.strip() for n in only.split(",") if n.strip()]
+    chosen_subjects = [s.strip() for s in subjects.split(",") if s.strip()]
+    for name in names:
+        if name not in NAMES:
+            raise click.BadParameter(f"unknown scenario {name!r}", param_hint="--only")
+    for subject in chosen_subjects:
+        if subject not in SUBJECTS:
+            raise click.BadParameter(f"unknown subject {subject!r}", param_hint="--subjects")
+    chosen_subjects = [s for s in SUBJECTS if s in chosen_subjects]  # kernel first: the ceiling
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        raise click.ClickException("needs root and iproute2 (it builds network namespaces)")
+    if "original" in chosen_subjects and not os.access(ORIGINAL, os.X_OK):
+        raise click.ClickException(f"needs Debian's udptunnel at {ORIGINAL}, or --subjects")
+    build_udpload()
+    started = time.monotonic()
+    info = machine()
+    print(report.header(info, quick, pin), file=sys.stderr)
+    # A signal from outside (make's, say) unwinds like Ctrl-C: processes killed, namespaces gone.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BUILD, prefix="run-") as tmp:
+        options = Options(quick, scale, pin, Path(tmp), chosen_subjects)
+        results = run_all(options, names)
+    results["machine"] = info
+    results["options"] = {
+        "quick": quick,
+        "duration_scale": scale,
+        "pin": pin,
+        "subjects": chosen_subjects,
+        "scenarios": names,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    results["targets"] = report.targets(results)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(report.header(info, quick, pin))
+    print(report.table(results))
+    plot = report.plot(results, BUILD / "latency.png")
+    print(report.targets_text(results["targets"]))
+    print(f"\nJSON: {json_path}   plot: {plot}   wall time: {results['options']['wall_s']} s")
+    if check and any(t["status"] == "FAIL" for t in results["targets"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
