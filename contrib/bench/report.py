@@ -68,8 +68,10 @@ def table(results: dict[str, Any]) -> str:
     for name, entry in scenarios.items():
         lines.append(f"{name}: {entry['title']}")
         for subject in SUBJECT_ORDER:
-            if subject in entry["subjects"]:
-                case = entry["subjects"][subject]
+            case = entry["subjects"].get(subject)
+            if case and not measured(case):
+                lines.append(f"  {subject:9}failed: {case['error'][:150]}")
+            elif case:
                 lines.append(row(subject, case, notes(name, entry, subject, results)))
     if results["sweep"]:
         lines.append("sweep: 200 B paced, p99 ms (delivered %) at each offered rate")
@@ -78,7 +80,7 @@ def table(results: dict[str, Any]) -> str:
             cells = []
             for rate in rates:
                 case = results["sweep"][rate].get(subject)
-                if case:
+                if measured(case):
                     total = case["total"]
                     delivered = 100 - total["loss_pct"]
                     cells.append(
@@ -100,9 +102,14 @@ def row(subject: str, case: Case, note: str) -> str:
     ).rstrip()
 
 
+def measured(case: Case | None) -> bool:
+    """A case that ran to the end (one that failed holds only its error)."""
+    return bool(case) and "error" not in case
+
+
 def rate(results: dict[str, Any], scenario: str, subject: str) -> float | None:
     case = results["scenarios"].get(scenario, {}).get("subjects", {}).get(subject)
-    return case["total"]["delivered_per_s"] if case else None
+    return case["total"]["delivered_per_s"] if measured(case) else None
 
 
 def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any]) -> str:
@@ -230,7 +237,8 @@ def verdict(ok: bool) -> str:
 
 
 def ours(results: dict[str, Any], scenario: str) -> Case | None:
-    return results["scenarios"].get(scenario, {}).get("subjects", {}).get("ours")
+    case = results["scenarios"].get(scenario, {}).get("subjects", {}).get("ours")
+    return case if measured(case) else None
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, str]]:
@@ -303,14 +311,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
         out.append(target(name, verdict(recovered(worst_recovery(case))), recovery_text(case)))
     name = "peak RSS of each tunnel process < 60 MB throughout"
     peaks = {"server": 0, "client": 0}
-    for entry in results["scenarios"].values():
-        case = entry["subjects"].get("ours")
-        for role in peaks if case else ():
+    cases = [entry["subjects"].get("ours") for entry in results["scenarios"].values()]
+    cases += [point.get("ours") for point in results["sweep"].values()]
+    for case in filter(measured, cases):
+        for role in peaks:
             peaks[role] = max(peaks[role], case["tunnel"][role].get("VmHWM", 0))
-    for point in results["sweep"].values():
-        if "ours" in point:
-            for role in peaks:
-                peaks[role] = max(peaks[role], point["ours"]["tunnel"][role].get("VmHWM", 0))
     if any(peaks.values()):
         figure = ", ".join(f"{role} {kb * 1024 / MB:.1f} MB" for role, kb in peaks.items())
         soak = ours(results, "soak-60")
@@ -351,7 +356,9 @@ def plot(results: dict[str, Any], path: Path) -> str:
         return "none (matplotlib missing: pip install '.[bench]')"
     fig, (lat_ax, rate_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     for subject in SUBJECT_ORDER:
-        points = [p[subject]["total"] for p in results["sweep"].values() if subject in p]
+        points = [
+            p[subject]["total"] for p in results["sweep"].values() if measured(p.get(subject))
+        ]
         if not points:
             continue
         offered = [t["offered_per_s"] for t in points]
@@ -379,11 +386,13 @@ def plot(results: dict[str, Any], path: Path) -> str:
     )
     lat_ax.grid(True, which="both", alpha=0.3)
     lat_ax.legend(fontsize="small")
-    top = max(
-        t["offered_per_s"]
+    offered = [
+        c["total"]["offered_per_s"]
         for p in results["sweep"].values()
-        for t in (c["total"] for c in p.values())
-    )
+        for c in p.values()
+        if measured(c)
+    ]
+    top = max(offered, default=1)
     rate_ax.plot([0, top], [0, top], ":", color="black", alpha=0.4, label="all delivered")
     rate_ax.set(
         xlabel="offered load (datagrams/s, 200 B)",

@@ -551,7 +551,7 @@ def run_case(
 ) -> dict[str, Any]:
     """Run one scenario's traffic through one subject, with fresh tunnel processes."""
     seconds = options.seconds(scenario)
-    tag = f"{scenario.name}-{subject}-{int(flows[0].rate) if scenario.kind == 'sweep' else ''}"
+    tag = f"{scenario.name}-{subject}" + (f"-{flows[0].rate:g}" if scenario.kind == "sweep" else "")
     case: dict[str, Any] = {"seconds": seconds}
     with contextlib.ExitStack() as stack:
         children = stack.enter_context(Children())
@@ -729,6 +729,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def attempt(
+    chain: Chain,
+    subject: str,
+    scenario: Scenario,
+    flows: Sequence[Flow],
+    options: Options,
+    label: str,
+) -> dict[str, Any]:
+    """Run one case; a case that fails is reported as such, and the run goes on."""
+    started = time.monotonic()
+    try:
+        case = run_case(chain, subject, scenario, flows, options)
+    except Exception as exc:  # any failure of one case: a tunnel that died, a timeout
+        print(f"  {label:16} {subject:8} FAILED: {exc}", file=sys.stderr, flush=True)
+        return {"error": str(exc)}
+    report.progress(label, subject, case, time.monotonic() - started)
+    return case
+
+
 def run_all(options: Options, names: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {"scenarios": {}, "sweep": {}}
     chosen = [s for s in SCENARIOS if s.name in names]
@@ -738,23 +757,19 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
             entry["flows"] = [asdict(flow) for flow in scenario.flows]
             results["scenarios"][scenario.name] = entry
             for subject in options.subjects:
-                if scenario.tunnels_only and subject == "kernel":
-                    continue
-                started = time.monotonic()
-                case = run_case(chain, subject, scenario, scenario.flows, options)
-                entry["subjects"][subject] = case
-                report.progress(scenario.name, subject, case, time.monotonic() - started)
+                if not (scenario.tunnels_only and subject == "kernel"):
+                    entry["subjects"][subject] = attempt(
+                        chain, subject, scenario, scenario.flows, options, scenario.name
+                    )
         if SWEEP.name in names:
             for rate in SWEEP_RATES:
                 flows = (Flow(A_B, 200, rate=rate),)
                 point = results["sweep"].setdefault(str(rate), {})
                 for subject in options.subjects:
-                    started = time.monotonic()
-                    case = run_case(chain, subject, SWEEP, flows, options)
-                    for stats in case["flows"].values():
+                    case = attempt(chain, subject, SWEEP, flows, options, f"sweep {rate}/s")
+                    for stats in case.get("flows", {}).values():
                         stats.pop("series")  # the plot needs the totals only
                     point[subject] = case
-                    report.progress(f"sweep {rate}/s", subject, case, time.monotonic() - started)
     return results
 
 
