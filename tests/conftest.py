@@ -21,27 +21,30 @@ from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent  # the environment's bin, not the interpreter it links to
 UDPTUNNEL = str(BIN / "udptunnel")  # the console script, as users run it
 ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel: Lennox's C program
 STRICT = os.environ.get("UDPTUNNEL_STRICT_TESTS") == "1"
 WAIT = 10.0  # seconds: the ceiling for any one expected event in a real-process test
 
 
-def _missing(marker: str) -> str | None:
-    if marker == "root" and (os.geteuid() != 0 or shutil.which("ip") is None):
+def missing(item: pytest.Item) -> str | None:
+    """Why this machine cannot run the test, if it cannot."""
+    if item.get_closest_marker("root") and (os.geteuid() != 0 or shutil.which("ip") is None):
         return "needs root and iproute2 for network namespaces"
-    if marker == "original" and not os.access(ORIGINAL, os.X_OK):
+    if item.get_closest_marker("original") and not os.access(ORIGINAL, os.X_OK):
         return f"needs Debian's udptunnel at {ORIGINAL} (apt-get install udptunnel)"
+    for marker in item.iter_markers("needs"):
+        if absent := [tool for tool in marker.args if shutil.which(tool) is None]:
+            return f"needs {', '.join(absent)} (Debian packages man-db, groff-base)"
     return None
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in ("root", "original"):
-        if item.get_closest_marker(marker) and (reason := _missing(marker)):
-            if STRICT:
-                pytest.fail(f"UDPTUNNEL_STRICT_TESTS=1 but this test {reason}")
-            pytest.skip(reason)
+    if reason := missing(item):
+        if STRICT:
+            pytest.fail(f"UDPTUNNEL_STRICT_TESTS=1 but this test {reason}")
+        pytest.skip(reason)
 
 
 class Process:

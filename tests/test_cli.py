@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import trio
 from click.testing import CliRunner
 
 from udptunnel import __version__
 from udptunnel.cli import command
 
 from .conftest import free_port
+
+
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No real name service (``.invalid`` names do not exist, ``.later`` ones time out), and
+    the package's logging put back as it was after each run of the command."""
+    real = trio.socket.getaddrinfo
+
+    async def getaddrinfo(host: str | None, *args: Any, **kwargs: Any) -> Any:
+        if host and host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host and host.endswith(".later"):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return await real(host, *args, **kwargs)
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", getaddrinfo)
+    package = logging.getLogger("udptunnel")
+    saved = package.handlers[:], package.level, package.propagate
+    yield
+    package.handlers[:], package.level, package.propagate = saved
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -58,6 +82,12 @@ BAD_INPUT = [
     (["-s", "6000", "no-such-host.invalid/5000"], "no-such-host.invalid: UDP host unknown"),
     (["-c", "no-such-host.invalid/6000", "127.0.0.1/5000"], "no-such-host.invalid: TCP host"),
     (["-s", "6000", "--udp-bind", "no-such-host.invalid", "127.0.0.1/5000"], "UDP bind host"),
+    (["-s", "6000", "a..b/5000"], "a..b: UDP host unknown (not a valid name)"),
+    (["-s", "6000", "a" * 70 + "/5000"], "UDP host unknown (not a valid name)"),
+    (["-s", "6000", "::1:25000"], "an IPv6 address with a port is [::1]:5000 or ::1/5000"),
+    (["-s", "6000", "127.0.0.1//5000"], "empty field"),
+    (["-s", "6000", "--max-delay", "0", "127.0.0.1/5000"], "0 is not in the range 1<=x<=60000"),
+    (["-s", "6000", "--max-delay", "5ms", "127.0.0.1/5000"], "'5ms' is not a valid integer"),
 ]
 
 
@@ -101,6 +131,12 @@ def test_permission_denied_is_one_line_and_exit_1() -> None:
     status, stderr = invoke("-s", "6000", "255.255.255.255/5000")
     assert status == 1
     assert_one_line(stderr, "cannot send UDP to 255.255.255.255/5000: Permission denied")
+
+
+def test_a_name_service_that_cannot_answer_now_is_a_failure_not_bad_input() -> None:
+    status, stderr = invoke("-s", "6000", "some.host.later/5000")
+    assert status == 1
+    assert_one_line(stderr, "some.host.later: UDP host lookup failed: Temporary failure")
 
 
 def test_help_and_version_exit_0() -> None:

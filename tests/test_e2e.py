@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -115,11 +117,22 @@ def test_closing_either_end_makes_the_other_exit_0_within_1_s(pair: Pair, closin
     assert other.wait(timeout=CLOSE_WITHIN) == 0
 
 
-def test_a_third_client_is_closed_at_once(pair: Pair) -> None:
+def test_a_third_client_is_refused_at_once(spawn: type[Process], pair: Pair) -> None:
     port = int(pair.server.wait_for(r"Listening for TCP connections on port (\d+)")[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as third:
-        assert third.recv(1) == b""  # closed by the server, not left hanging
+    with (
+        pytest.raises(ConnectionResetError),  # refused, not left hanging (defect 8)
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as third,
+    ):
+        third.recv(1)  # unless the reset came before connect() returned
     pair.server.wait_for(r"Refused TCP connection from 127\.0\.0\.1/\d+: tunnel busy")
+    bind = f"127.0.0.1/{free_port()}"
+    fourth = spawn([UDPTUNNEL, "-c", f"127.0.0.1/{port}", "--udp-bind", bind, "127.0.0.1/9"])
+    assert fourth.wait() == 1  # a refused client fails, so that a script or systemd can tell
+    assert re.fullmatch(  # depending on whether the reset beats the end of connect()
+        rf"udptunnel: (cannot connect to TCP 127\.0\.0\.1/{port}|TCP connection lost while "
+        r"receiving): Connection reset by peer",
+        fourth.stderr,
+    )
     pair.app_b.sendto(b"unaffected", pair.client_in)
     assert pair.app_a.recv(100) == b"unaffected"
 
@@ -214,7 +227,7 @@ def test_the_tunnel_does_not_hear_its_own_output(spawn: type[Process]) -> None:
         app.sendto(b"marker", ("127.0.0.1", port))
         assert peer.recv(100) == struct.pack("!H", 6) + b"marker"
     assert server.wait() == 0
-    assert "dropped: 1 (1 own, 0 too large, 0 unsent)" in server.stderr
+    assert "dropped: 1 (1 own, 0 queue full, 0 late, 0 too large, 0 unsent)" in server.stderr
 
 
 def test_a_reset_connection_exits_1_with_one_line_not_sigpipe(spawn: type[Process]) -> None:
@@ -229,3 +242,30 @@ def test_a_reset_connection_exits_1_with_one_line_not_sigpipe(spawn: type[Proces
     assert server.wait() == 1
     assert server.lines[-1].startswith("udptunnel: TCP connection lost while ")
     assert server.lines[-1].endswith(("Connection reset by peer", "Broken pipe"))
+
+
+@pytest.mark.parametrize("closing", ["client", "server"])
+def test_closing_one_end_under_load_lets_the_other_exit_0(pair: Pair, closing: str) -> None:
+    first, other = (pair.client, pair.server) if closing == "client" else (pair.server, pair.client)
+    stop = threading.Event()
+
+    def flood(app: socket.socket, to: tuple[str, int]) -> None:
+        while not stop.is_set():
+            app.sendto(bytes(1000), to)
+
+    floods = [
+        threading.Thread(target=flood, args=(pair.app_a, pair.server_in)),
+        threading.Thread(target=flood, args=(pair.app_b, pair.client_in)),
+    ]
+    for thread in floods:
+        thread.start()
+    try:
+        pair.app_a.recv(2000)  # traffic is crossing both ways
+        pair.app_b.recv(2000)
+        first.signal(signal.SIGTERM)
+        assert first.wait() == 0
+        assert other.wait(timeout=CLOSE_WITHIN) == 0, other.stderr  # a clean end, not a reset
+    finally:
+        stop.set()
+        for thread in floods:
+            thread.join()

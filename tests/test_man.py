@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent  # the environment's bin, not the interpreter it links to
-UDPTUNNEL = BIN / "udptunnel"  # the console script, as users run it
+from .conftest import BIN, UDPTUNNEL
+
 SOURCE = Path(__file__).resolve().parent.parent / "man" / "udptunnel.1"
 INSTALLED = BIN.parent / "share" / "man" / "man1" / "udptunnel.1"
 OURS_ONLY = "--udp-bind"  # in our page and not in the page of Debian's original udptunnel
 TIMEOUT = 30.0  # seconds: formatting one page takes well under one
 
-needs_groff = pytest.mark.skipif(
-    shutil.which("groff") is None, reason="needs groff (apt-get install groff-base)"
-)
-needs_man = pytest.mark.skipif(
-    shutil.which("man") is None or shutil.which("groff") is None,
-    reason="needs man and groff (apt-get install man-db groff-base)",
-)
+needs_groff = pytest.mark.needs("groff")  # conftest: skip without, fail in strict mode
+needs_man = pytest.mark.needs("man", "groff")
 
 _OPTIONS_HEADING = "Options:"
 _OPTION_LINE = re.compile(r"^ {2}(-[\w-]+(?:, -[\w-]+)*)")  # "  -s, --server METAVAR  help"

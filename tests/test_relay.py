@@ -6,7 +6,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import trio
@@ -30,7 +30,8 @@ class Rig:
     udp: UdpSockets
     counters: Counters
     done: trio.Event
-    decoder: Decoder
+    decoder: Decoder = field(default_factory=Decoder)
+    frames: list[bytes] = field(default_factory=list)  # decoded, not yet taken
 
     async def send_to_tunnel(self, datagram: bytes) -> None:
         """Send a datagram from the application to the relay's receive socket."""
@@ -38,15 +39,21 @@ class Rig:
 
     async def frame_from_tunnel(self) -> bytes:
         """The next datagram the relay put on TCP."""
-        while True:
-            if frames := self.decoder.feed(await self.peer.receive_some(65536)):
-                assert len(frames) == 1, frames
-                return frames[0]
+        while not self.frames:
+            self.frames += map(bytes, self.decoder.feed(await self.peer.receive_some(65536)))
+        return self.frames.pop(0)
 
 
 async def udp_socket(address: tuple[str, int] = (LOOPBACK, 0)) -> trio.socket.SocketType:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await sock.bind(address)
+    return sock
+
+
+def relay_socket() -> socket.socket:
+    """A UDP socket as the tunnel gives the relay: plain and non-blocking."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
     return sock
 
 
@@ -59,29 +66,41 @@ async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
 
 
 @asynccontextmanager
-async def relay_rig(destination: tuple[str, int] | None = None) -> AsyncIterator[Rig]:
+async def relay_rig(
+    destination: tuple[str, int] | None = None,
+    max_delay: float = 1.0,
+    receive_buffer: int = 0,
+    tcp_buffer: int = 0,
+) -> AsyncIterator[Rig]:
     """Run ``run_relay`` over a loopback TCP connection, with an app on loopback.
 
     Args:
         destination: where the relay sends UDP; by default, the app's socket.
+        max_delay: the relay's bound on how long a frame may wait in it.
+        receive_buffer: SO_RCVBUF of the relay's UDP receive socket, if not 0.
+        tcp_buffer: SO_SNDBUF and SO_RCVBUF of both TCP ends, if not 0.
     """
     with trio.fail_after(CEILING):
         stream, peer = await tcp_pair()
-        with await udp_socket() as app, await udp_socket() as receive:
-            send = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            with send:
-                await send.connect(destination or app.getsockname())
-                udp = UdpSockets(receive, send, send.getsockname())
-                rig = Rig(peer, app, udp, Counters(), trio.Event(), Decoder())
-                async with stream, peer, trio.open_nursery() as nursery:
+        for end, option in ((stream, socket.SO_SNDBUF), (peer, socket.SO_RCVBUF)):
+            if tcp_buffer:
+                end.socket.setsockopt(socket.SOL_SOCKET, option, tcp_buffer)
+        with await udp_socket() as app, relay_socket() as receive, relay_socket() as send:
+            if receive_buffer:
+                receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            receive.bind((LOOPBACK, 0))
+            send.connect(destination or app.getsockname())
+            udp = UdpSockets(receive, send, frozenset({send.getsockname()}))
+            rig = Rig(peer, app, udp, Counters(), trio.Event())
+            async with stream, peer, trio.open_nursery() as nursery:
 
-                    async def relay() -> None:
-                        await run_relay(stream, udp, rig.counters)
-                        rig.done.set()
+                async def relay() -> None:
+                    await run_relay(stream, udp, rig.counters, max_delay=max_delay)
+                    rig.done.set()
 
-                    nursery.start_soon(relay)
-                    yield rig
-                    nursery.cancel_scope.cancel()
+                nursery.start_soon(relay)
+                yield rig
+                nursery.cancel_scope.cancel()
 
 
 async def test_datagrams_cross_both_ways_zero_length_too() -> None:
@@ -120,8 +139,8 @@ async def test_own_output_looped_back_is_dropped() -> None:
     async with relay_rig() as rig:
         # Point the send socket at the relay's own receive socket: the original's self-loop.
         # (Connecting again keeps the socket's address, the one the relay filters on.)
-        await rig.udp.send.connect(rig.udp.receive.getsockname())
-        assert rig.udp.send.getsockname() == rig.udp.own_address
+        rig.udp.send.connect(rig.udp.receive.getsockname())
+        assert rig.udp.own_addresses == {rig.udp.send.getsockname()}
         await rig.peer.send_all(encode(b"echo?"))
         await trio.testing.wait_all_tasks_blocked()  # loopback delivers within the send call
         await rig.send_to_tunnel(b"marker")  # queued behind the looped datagram, if any
@@ -161,3 +180,53 @@ async def test_tcp_reset_is_a_tunnel_error() -> None:
             rig.peer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
             rig.peer.socket.close()  # linger 0: the close sends a reset
             await rig.done.wait()
+
+
+async def test_a_burst_larger_than_a_batch_arrives_whole_and_in_order() -> None:
+    sizes = [0, 1, 2, 100, 1400, 9000, 65507] * 4  # 300 KB: several batches
+    sent = [bytes([n % 256]) * size for n, size in enumerate(sizes)]
+    async with relay_rig(receive_buffer=4 << 20) as rig:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as app:
+            for datagram in sent:  # all queued before the relay gets to run
+                app.sendto(datagram, rig.udp.receive.getsockname())
+        assert [await rig.frame_from_tunnel() for _ in sent] == sent
+        await trio.testing.wait_all_tasks_blocked()
+        assert rig.counters.udp_to_tcp_datagrams == len(sent)
+        assert rig.counters.udp_to_tcp_bytes == sum(sizes)
+
+
+async def test_frames_split_across_reads_are_sent_whole() -> None:
+    frames = encode(bytes(range(256)) * 40) + encode(b"") + encode(b"tail")
+    async with relay_rig() as rig:
+        for cut in (1, 2, 3, 5000, len(frames)):  # header split, body split, several frames
+            await rig.peer.send_all(frames[:cut])
+            await trio.testing.wait_all_tasks_blocked()  # the relay has read this piece
+            frames = frames[cut:]
+        received = [(await rig.app.recvfrom(65536))[0] for _ in range(3)]
+    assert received == [bytes(range(256)) * 40, b"", b"tail"]
+
+
+async def test_frames_that_waited_too_long_are_dropped_oldest_first_and_counted() -> None:
+    async with relay_rig(max_delay=1e-9) as rig:  # every frame after the first is too late
+        await rig.peer.send_all(b"".join(encode(b"%d" % n) for n in range(50)))
+        assert (await rig.app.recvfrom(100))[0] == b"0"
+        await trio.testing.wait_all_tasks_blocked()
+        assert rig.counters.tcp_to_udp_datagrams == 1
+        assert rig.counters.dropped_late == 49
+
+
+async def test_every_datagram_either_arrives_or_is_counted_as_dropped() -> None:
+    sent = 3000
+    async with relay_rig(receive_buffer=16 * 1024, tcp_buffer=16 * 1024) as rig:
+        # The peer reads nothing: TCP fills up, the relay stops reading UDP, the kernel's
+        # short receive queue overflows and drops.
+        for n in range(sent):
+            await rig.send_to_tunnel(n.to_bytes(4, "big") * 250)
+        received = []
+        while len(received) + rig.counters.dropped_overflow < sent:
+            received.append(int.from_bytes((await rig.frame_from_tunnel())[:4], "big"))
+        assert rig.counters.dropped_overflow > 0
+        assert received == sorted(received)  # whatever was kept kept its order
+        await rig.send_to_tunnel(b"marker")  # nothing else was kept back
+        assert await rig.frame_from_tunnel() == b"marker"
+        assert len(received) + rig.counters.dropped_overflow == sent

@@ -17,7 +17,7 @@ import click
 import trio
 
 from . import __version__
-from .config import Config, build_config
+from .config import DEFAULT_MAX_DELAY, Config, build_config
 from .counters import Counters
 from .errors import ConfigError, TunnelError
 from .tunnel import run_tunnel
@@ -57,7 +57,9 @@ class _BadConfig(click.ClickException):
     cls=_OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Each datagram travels on TCP as a 16-bit big-endian length and its bytes, "
-    "as with the original udptunnel. See udptunnel(1).",
+    "as with the original udptunnel. Exit status: 0 when the peer closed the tunnel or a "
+    "signal stopped it, 1 when something failed, 2 for a bad command line. "
+    "See udptunnel(1).",
 )
 @click.option(
     "-s",
@@ -90,6 +92,16 @@ class _BadConfig(click.ClickException):
     "address and UDP-PORT. Lets both ends and the applications share one host.",
 )
 @click.option(
+    "--max-delay",
+    "max_delay_ms",
+    type=click.IntRange(1, 60_000),
+    default=round(DEFAULT_MAX_DELAY * 1000),
+    show_default=True,
+    metavar="MS",
+    help="Drop a datagram from the tunnel that waited in this end longer than MS "
+    "milliseconds, rather than deliver it late.",
+)
+@click.option(
     "-v",
     "--verbose",
     count=True,
@@ -102,6 +114,7 @@ def command(
     clients: Sequence[str],
     rtp: bool,
     udp_bind: str | None,
+    max_delay_ms: int,
     verbose: int,
     udp: str,
 ) -> int:
@@ -120,6 +133,7 @@ def command(
             udp=udp,
             udp_bind=udp_bind,
             rtp=rtp,
+            max_delay_ms=max_delay_ms,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc
@@ -152,8 +166,8 @@ async def _run(config: Config, counters: Counters) -> None:
 async def _stop_on_signal(
     scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """SIGINT or SIGTERM ends the tunnel cleanly: sockets closed, summary logged, exit 0."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGINT, SIGTERM or SIGHUP ends the tunnel cleanly: sockets closed, exit 0."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name

@@ -19,6 +19,8 @@ MAX_PORT = 0xFFFF  # 16-bit port numbers
 MAX_TTL = 255  # 8-bit IP TTL / IPv6 hop limit
 DEFAULT_TTL = 1  # as the original: multicast stays on the local network unless asked
 RTP_PAIR = 2  # RTP mode relays an even port and the odd port above it (RTP and RTCP)
+DEFAULT_MAX_DELAY = 0.05  # seconds a datagram may wait in a tunnel end before it is dropped
+MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
 
 _DECIMAL = re.compile(r"[0-9]+")  # no sign, no hex, no trailing garbage (defect 11)
 _SEPARATORS = re.compile(r"[/:]")
@@ -69,6 +71,7 @@ class Config:
     udp_bind: Address
     ttl: int = DEFAULT_TTL
     rtp: bool = False
+    max_delay: float = DEFAULT_MAX_DELAY
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -124,8 +127,12 @@ def split_address(text: str) -> tuple[str, list[str]]:
         host, fields = text, []
     else:
         host, *fields = text.split(":")
+        if "::" in text:
+            raise ConfigError(f"{text!r}: an IPv6 address with a port is [::1]:5000 or ::1/5000")
     if not host:
         raise ConfigError(f"{text!r}: missing host")
+    if "" in fields:
+        raise ConfigError(f"{text!r}: empty field")
     return host, fields
 
 
@@ -148,11 +155,11 @@ def parse_udp(text: str) -> tuple[Address, int]:
     """
     host, fields = split_address(text)
     if not fields:
-        raise ConfigError(f"{text!r}: missing UDP port (expected UDP-addr/UDP-port[/ttl])")
+        raise ConfigError(f"{text!r}: missing UDP port (expected UDP-ADDR/UDP-PORT[/TTL])")
     if len(fields) > 2:
-        raise ConfigError(f"{text!r}: too many fields (expected UDP-addr/UDP-port[/ttl])")
-    ttl = parse_ttl(fields[1]) if len(fields) == 2 else DEFAULT_TTL
-    return Address(host, parse_port(fields[0])), ttl
+        raise ConfigError(f"{text!r}: too many fields (expected UDP-ADDR/UDP-PORT[/TTL])")
+    port = parse_port(fields[0])
+    return Address(host, port), parse_ttl(fields[1]) if len(fields) == 2 else DEFAULT_TTL
 
 
 def parse_local(text: str, *, port_only: bool = False) -> tuple[str | None, int | None]:
@@ -187,7 +194,7 @@ def parse_remote(text: str) -> tuple[str, int | None]:
     """
     host, fields = split_address(text)
     if len(fields) > 1:
-        raise ConfigError(f"{text!r}: too many fields (expected TCP-addr[/TCP-port])")
+        raise ConfigError(f"{text!r}: too many fields (expected TCP-ADDR[/TCP-PORT])")
     return host, parse_port(fields[0]) if fields else None
 
 
@@ -198,6 +205,7 @@ def build_config(
     udp: str,
     udp_bind: str | None = None,
     rtp: bool = False,
+    max_delay_ms: int = round(DEFAULT_MAX_DELAY * 1000),
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
 
@@ -207,6 +215,7 @@ def build_config(
         udp: the positional ``UDP-addr/UDP-port[/ttl]``.
         udp_bind: the ``--udp-bind`` value, ``ADDR[/PORT]``.
         rtp: RTP mode, two consecutive even/odd port pairs.
+        max_delay_ms: how long a datagram may wait in this tunnel end before it is dropped.
 
     Raises:
         ConfigError: with the original's wording where it had one.
@@ -217,7 +226,7 @@ def build_config(
     if server is not None:
         mode, (tcp_host, tcp_port) = Mode.SERVER, parse_local(server, port_only=True)
         if tcp_port is None:
-            raise ConfigError(f"{server!r}: missing TCP port (expected [TCP-addr/]TCP-port)")
+            raise ConfigError(f"{server!r}: missing TCP port (expected [TCP-ADDR/]TCP-PORT)")
     elif client is not None:
         mode, (tcp_host, tcp_port) = Mode.CLIENT, parse_remote(client)
     else:
@@ -230,7 +239,10 @@ def build_config(
         udp_bind=Address(bind_host, udp_address.port if bind_port is None else bind_port),
         ttl=ttl,
         rtp=rtp,
+        max_delay=max_delay_ms / 1000,
     )
+    if not 1 <= max_delay_ms <= MAX_MAX_DELAY * 1000:
+        raise ConfigError(f"{max_delay_ms}: invalid maximum delay (expected 1-60000 ms)")
     if rtp:
         for role, address in (
             ("UDP", config.udp),

@@ -17,19 +17,28 @@ class Counters:
     tcp_to_udp_datagrams: int = 0
     tcp_to_udp_bytes: int = 0
     dropped_own: int = 0  # our own datagrams looped back to us (the original's self-loop)
+    dropped_overflow: int = 0  # into the tunnel: the kernel's receive queue was full
+    dropped_late: int = 0  # out of the tunnel: waited here longer than the maximum delay
     dropped_too_large: int = 0  # frames too long for one UDP datagram on this path
     dropped_unsent: int = 0  # UDP sends refused or unroutable at that moment
 
     @property
     def dropped(self) -> int:
         """All datagrams dropped, whatever the cause."""
-        return self.dropped_own + self.dropped_too_large + self.dropped_unsent
+        return (
+            self.dropped_own
+            + self.dropped_overflow
+            + self.dropped_late
+            + self.dropped_too_large
+            + self.dropped_unsent
+        )
 
     def summary(self) -> str:
         """One line for the log: traffic each way and drops by cause."""
         return (
             f"UDP to TCP: {self.udp_to_tcp_datagrams} datagrams, {self.udp_to_tcp_bytes} bytes; "
             f"TCP to UDP: {self.tcp_to_udp_datagrams} datagrams, {self.tcp_to_udp_bytes} bytes; "
-            f"dropped: {self.dropped} ({self.dropped_own} own, "
-            f"{self.dropped_too_large} too large, {self.dropped_unsent} unsent)"
+            f"dropped: {self.dropped} ({self.dropped_own} own, {self.dropped_overflow} queue "
+            f"full, {self.dropped_late} late, {self.dropped_too_large} too large, "
+            f"{self.dropped_unsent} unsent)"
         )

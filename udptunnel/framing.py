@@ -25,39 +25,57 @@ def encode(datagram: bytes) -> bytes:
 
 
 class Decoder:
-    """Turns a stream of bytes back into the datagrams it carries.
+    """Turns a stream of bytes back into the datagrams it carries, without copying them.
 
-    Keeps at most one incomplete frame between calls (under 64 KiB plus the header).
+    ``feed`` returns views into the bytes it was given: each stays valid as long as those
+    bytes do. Only a frame split across two reads is copied, once, when it completes. At most
+    one incomplete frame is kept between calls (under 64 KiB plus the header).
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._partial = bytearray()
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
         """Add bytes from the stream; return every datagram they complete, in order."""
-        buffer = self._buffer
-        buffer += data
-        datagrams = []
-        start, end = 0, len(buffer)
+        view = memoryview(data)
+        datagrams: list[memoryview] = []
+        start = self._complete_partial(view, datagrams) if self._partial else 0
+        end = len(view)
         while end - start >= HEADER.size:
-            (length,) = HEADER.unpack_from(buffer, start)
+            (length,) = HEADER.unpack_from(view, start)
             body = start + HEADER.size
             if end - body < length:
                 break
-            datagrams.append(bytes(buffer[body : body + length]))
             start = body + length
-        del buffer[:start]
+            datagrams.append(view[body:start])
+        self._partial += view[start:]
         return datagrams
+
+    def _complete_partial(self, view: memoryview, datagrams: list[memoryview]) -> int:
+        """Move bytes from ``view`` to the incomplete frame; return how many were taken."""
+        partial = self._partial
+        taken = min(max(HEADER.size - len(partial), 0), len(view))
+        partial += view[:taken]
+        if len(partial) < HEADER.size:
+            return taken
+        (length,) = HEADER.unpack_from(partial)
+        size = HEADER.size + int(length)
+        more = min(size - len(partial), len(view) - taken)
+        partial += view[taken : taken + more]
+        if len(partial) == size:
+            datagrams.append(memoryview(bytes(partial[HEADER.size :])))
+            partial.clear()
+        return taken + more
 
     @property
     def pending(self) -> int:
         """How many bytes of an incomplete frame are waiting for the rest."""
-        return len(self._buffer)
+        return len(self._partial)
 
     @property
     def expected(self) -> int | None:
         """The size of the incomplete frame being collected, once its header is in."""
-        if len(self._buffer) < HEADER.size:
+        if len(self._partial) < HEADER.size:
             return None
-        (length,) = HEADER.unpack_from(self._buffer)
+        (length,) = HEADER.unpack_from(self._partial)
         return HEADER.size + int(length)

@@ -1,0 +1,243 @@
+"""The tunnel's sockets: names resolved once, then each socket opened with the options its job
+needs, registered with the caller's exit stack so that it is closed however the tunnel ends.
+
+UDP sockets are plain non-blocking ``socket.socket`` objects: the relay drains them with one
+system call per datagram and waits with ``trio.lowlevel.wait_readable``. TCP connections are
+``trio.SocketStream`` objects, closed with an orderly goodbye.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from typing import Any
+
+import trio
+
+from .config import Address
+from .errors import ConfigError, TunnelError
+from .relay import TCP_RECEIVE_SIZE, UdpSockets
+
+log = logging.getLogger(__name__)
+
+SockAddr = tuple[Any, ...]  # (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
+Resolved = tuple[int, SockAddr]  # (address family, socket address)
+WILDCARD: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+CLOSE_GRACE = 2.0  # seconds a closing connection waits for the peer's end before giving up
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+_MAPPED_PREFIX = "::ffff:"  # how a dual-stack IPv6 socket sees an IPv4 source
+
+
+async def resolve(
+    address: Address, role: str, socktype: int, *, passive: bool = False
+) -> list[Resolved]:
+    """Resolve a host and port once, in the resolver's order of preference.
+
+    Raises:
+        ConfigError: the name does not exist (exit status 2).
+        TunnelError: the resolver could not answer for now.
+    """
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = await trio.socket.getaddrinfo(
+            address.host, address.port, type=socktype, flags=flags
+        )
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise TunnelError(f"{address.host}: {role} host lookup failed: {exc.strerror}") from exc
+        raise ConfigError(f"{address.host}: {role} host unknown ({exc.strerror})") from exc
+    except UnicodeError as exc:  # the IDNA codec refuses it before the resolver sees it
+        raise ConfigError(f"{address.host}: {role} host unknown (not a valid name)") from exc
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def is_multicast(sockaddr: SockAddr) -> bool:
+    return ipaddress.ip_address(sockaddr[0].partition("%")[0]).is_multicast
+
+
+def open_udp(
+    stack: contextlib.ExitStack[Any],
+    destination: Resolved,
+    bind: Resolved,
+    *,
+    ttl: int,
+    bind_was_given: bool,
+) -> UdpSockets:
+    """Open the send socket (connected to the destination) and the receive socket (bound).
+
+    A multicast destination is sent to with the TTL and without loopback, and joined by the
+    receive socket when that is bound to the group or to every address.
+
+    Raises:
+        TunnelError: naming the address that failed.
+    """
+    family, target = destination
+    send = stack.enter_context(socket.socket(family, socket.SOCK_DGRAM))
+    send.setblocking(False)
+    try:
+        if is_multicast(target):
+            _set_multicast_sending(send, family, ttl)
+        send.connect(target)
+    except OSError as exc:
+        raise TunnelError(f"cannot send UDP to {_show(target)}: {strerror(exc)}") from exc
+
+    bind_family, local = bind
+    receive = stack.enter_context(socket.socket(bind_family, socket.SOCK_DGRAM))
+    receive.setblocking(False)
+    try:
+        receive.bind(local)
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EADDRINUSE and not bind_was_given:
+            hint = " (--udp-bind chooses another address or port)"  # an app shares the host
+        raise TunnelError(f"cannot receive UDP on {_show(local)}: {strerror(exc)}{hint}") from exc
+    if is_multicast(target) and bind_family == family and local[0] in (target[0], WILDCARD[family]):
+        try:
+            _join(receive, family, target)
+        except OSError as exc:
+            raise TunnelError(f"cannot join multicast group {target[0]}: {strerror(exc)}") from exc
+        log.info("Joined multicast group %s", target[0])
+    return UdpSockets(receive, send, _own_addresses(send.getsockname()))
+
+
+def _own_addresses(sockaddr: SockAddr) -> frozenset[tuple[str, int]]:
+    """Where the send socket's datagrams come from, as a receive socket of either family
+    would see them: ours, looped back, are dropped (the original's self-loop)."""
+    host, port = sockaddr[:2]
+    if ":" in host:
+        return frozenset({(host, port)})
+    return frozenset({(host, port), (_MAPPED_PREFIX + host, port)})
+
+
+def _set_multicast_sending(sock: socket.socket, family: int, ttl: int) -> None:
+    """Send with the given TTL (hop limit), and do not hear our own datagrams back."""
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+
+
+def _join(sock: socket.socket, family: int, group: SockAddr) -> None:
+    """Join the group: on the IPv6 address's scope interface if it names one (ff02::1%eth0),
+    otherwise on the interface the routing table picks."""
+    if family == socket.AF_INET:
+        request = socket.inet_aton(group[0]) + struct.pack("=I", socket.INADDR_ANY)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, request)
+    else:
+        address = socket.inet_pton(socket.AF_INET6, group[0].partition("%")[0])
+        request = address + struct.pack("=I", group[3])
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, request)
+
+
+async def listen(
+    stack: contextlib.AsyncExitStack, addresses: list[Resolved], label: Address
+) -> list[trio.SocketListener]:
+    """Listen on every address, all on the same port (port 0: the kernel's one choice).
+
+    Raises:
+        TunnelError: naming the address, if any of them cannot be listened on.
+    """
+    listeners: list[trio.SocketListener] = []
+    port = 0
+    for family, address in addresses:
+        try:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if exc.errno == errno.EAFNOSUPPORT:
+                continue  # no IPv6 (or IPv4) on this host: listen on what there is
+            raise TunnelError(f"cannot listen on TCP {label}: {strerror(exc)}") from exc
+        stack.callback(sock.close)
+        try:
+            # Rebinding after a restart must not wait out TIME_WAIT; on Linux this never lets
+            # two listeners share a port (SO_REUSEPORT would, and is not set).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind((address[0], port or address[1], *address[2:]))
+            sock.listen()
+        except OSError as exc:
+            raise TunnelError(f"cannot listen on TCP {label}: {strerror(exc)}") from exc
+        port = sock.getsockname()[1]
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+async def connect(
+    stack: contextlib.AsyncExitStack, addresses: list[Resolved], label: Address
+) -> tuple[trio.SocketStream, SockAddr]:
+    """Connect to the first address that answers; the stream is closed with ``stack``.
+
+    Returns:
+        The stream and the address it is connected to.
+
+    Raises:
+        TunnelError: naming the address and the last failure, if none answers.
+    """
+    failure: OSError | None = None
+    for family, address in addresses:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        log.info("Connected TCP to %s", _show(address))
+        return adopt(stack, trio.SocketStream(sock)), address
+    reason = strerror(failure) if failure else "no address"
+    raise TunnelError(f"cannot connect to TCP {label}: {reason}") from failure
+
+
+def adopt(stack: contextlib.AsyncExitStack, stream: trio.SocketStream) -> trio.SocketStream:
+    """Make ``stack`` close the stream, gracefully, when it unwinds."""
+    stack.push_async_callback(close_gracefully, stream)
+    return stream
+
+
+async def close_gracefully(stream: trio.SocketStream) -> None:
+    """Close so that the peer sees an orderly end, even when this end is being cancelled.
+
+    Send our end (FIN), read and discard until the peer's end, then close. Closing with
+    unread data would send a reset, which the peer would rightly take for a failure.
+    """
+    gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE), contextlib.suppress(*gone):
+        await stream.send_eof()
+        while await stream.receive_some(TCP_RECEIVE_SIZE):
+            pass
+    stream.socket.close()
+
+
+def refuse(stream: trio.SocketStream) -> None:
+    """Reset the connection at once, so that the client knows it was refused."""
+    log.info("Refused TCP connection from %s: tunnel busy", peer(stream))
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    stream.socket.close()
+
+
+def peer(stream: trio.SocketStream) -> str:
+    """The peer as ``host/port``; ``?`` if it is already gone."""
+    try:
+        return _show(stream.socket.getpeername())
+    except OSError:
+        return "?"
+
+
+def _show(sockaddr: SockAddr) -> str:
+    return f"{sockaddr[0]}/{sockaddr[1]}"
+
+
+def strerror(exc: OSError) -> str:
+    """The system's words for the error, without the address Trio adds to some messages."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
