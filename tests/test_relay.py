@@ -206,13 +206,30 @@ async def test_frames_split_across_reads_are_sent_whole() -> None:
     assert received == [bytes(range(256)) * 40, b"", b"tail"]
 
 
-async def test_frames_that_waited_too_long_are_dropped_oldest_first_and_counted() -> None:
-    async with relay_rig(max_delay=1e-9) as rig:  # every frame after the first is too late
-        await rig.peer.send_all(b"".join(encode(b"%d" % n) for n in range(50)))
-        assert (await rig.app.recvfrom(100))[0] == b"0"
-        await trio.testing.wait_all_tasks_blocked()
-        assert rig.counters.tcp_to_udp_datagrams == 1
-        assert rig.counters.dropped_late == 49
+async def test_frames_that_would_wait_too_long_are_dropped_oldest_first_and_counted() -> None:
+    sent = 256
+    async with relay_rig(max_delay=1e-6) as rig:  # any backlog at all is too long
+        received: list[int] = []
+
+        async def app() -> None:
+            while True:
+                received.append(int.from_bytes((await rig.app.recvfrom(2000))[0][:4], "big"))
+
+        # Room for two reads' worth (all that is sent) even if the app task runs late.
+        rig.app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app)
+            # 256 KB in one write: the relay reads 64 KB at a time while the rest waits.
+            await rig.peer.send_all(
+                b"".join(encode(n.to_bytes(4, "big") * 250) for n in range(sent))
+            )
+            await trio.testing.wait_all_tasks_blocked()  # loopback delivers within each send
+            nursery.cancel_scope.cancel()
+        assert len(received) + rig.counters.dropped_late == sent
+        assert rig.counters.dropped_late > 0
+        assert received[0] == 0 and received[-1] == sent - 1  # the first read had no backlog,
+        assert received == sorted(received)  # and the last read left none behind it
+        assert rig.counters.tcp_to_udp_datagrams == len(received)
 
 
 async def test_every_datagram_either_arrives_or_is_counted_as_dropped() -> None:

@@ -19,7 +19,7 @@ MAX_PORT = 0xFFFF  # 16-bit port numbers
 MAX_TTL = 255  # 8-bit IP TTL / IPv6 hop limit
 DEFAULT_TTL = 1  # as the original: multicast stays on the local network unless asked
 RTP_PAIR = 2  # RTP mode relays an even port and the odd port above it (RTP and RTCP)
-DEFAULT_MAX_DELAY = 0.05  # seconds a datagram may wait in a tunnel end before it is dropped
+DEFAULT_MAX_DELAY = 0.01  # seconds a datagram may wait in a tunnel end: a media jitter budget
 MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
 
 _DECIMAL = re.compile(r"[0-9]+")  # no sign, no hex, no trailing garbage (defect 11)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SockAddr = tuple[Any, ...]  # (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
 Resolved = tuple[int, SockAddr]  # (address family, socket address)
 WILDCARD: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+UNSENT_LIMIT = 128 * 1024  # bytes the kernel may hold unsent per connection (many batches)
 CLOSE_GRACE = 2.0  # seconds a closing connection waits for the peer's end before giving up
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _MAPPED_PREFIX = "::ffff:"  # how a dual-stack IPv6 socket sees an IPv4 source
@@ -199,8 +200,14 @@ async def connect(
 
 
 def adopt(stack: contextlib.AsyncExitStack, stream: trio.SocketStream) -> trio.SocketStream:
-    """Make ``stack`` close the stream, gracefully, when it unwinds."""
+    """Tune a new connection for the tunnel; ``stack`` closes it, gracefully, when it unwinds.
+
+    Trio already turns Nagle off (TCP_NODELAY). TCP_NOTSENT_LOWAT keeps the data that the
+    kernel holds unsent short, so that when the network is slower than the datagrams come,
+    the relay stops reading UDP (and the kernel drops there) instead of queueing seconds.
+    """
     stack.push_async_callback(close_gracefully, stream)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
     return stream
 
 
