@@ -80,7 +80,7 @@ PACE_TICK_US = 200
 CPU_LOAD, CPU_TUNNEL = "0", "1"  # with --pin split: the load tools' core and the tunnels'
 
 FULL_EVENT_AT, QUICK_EVENT_AT = 2.0, 1.0  # seconds after the start: the burst, the freeze
-SWEEP_RATES = (1_000, 5_000, 10_000, 20_000, 40_000, 80_000)  # datagrams/s of 200 B
+SWEEP_RATES = (1_000, 5_000, 10_000, 20_000, 40_000, 80_000, 120_000, 160_000)  # of 200 B
 
 
 # --- what to run ------------------------------------------------------------------------------

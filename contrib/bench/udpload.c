@@ -68,9 +68,10 @@
 #define HEADER_SIZE 16     /* seq, kind, send_ns */
 #define BATCH 64           /* datagrams per sendmmsg/recvmmsg: amortises the system call */
 #define RECEIVE_COPY 64    /* bytes of each datagram the sink copies: the header and spare */
-#define POLL_MS 20         /* the sink's receive timeout: how often it looks at its flags */
+#define POLL_MS 100        /* the sink's receive timeout: how often it looks at its flags */
 #define STALL_MS 100       /* closed loop: no acknowledgement this long means loss */
-#define NAP_NS 2000000     /* the sink's pause after each batch, unless it acknowledges */
+#define NAP_NS 2000000     /* the sink's pause after a busy wake-up, unless it acknowledges */
+#define NAP_MIN 16         /* datagrams in one wake-up that make it a busy one */
 #define NS 1000000000LL
 
 struct header {
@@ -369,6 +370,7 @@ static void *sink(void *unused)
 	}
 	int64_t last_rx = 0, drain_start = 0;
 	int drained = 1;  /* the queue was found empty: wait for the next datagram */
+	int got = 0;      /* datagrams taken since the sink last waited */
 	for (;;) {
 		if (atomic_load(&stop_now))
 			break;
@@ -395,17 +397,21 @@ static void *sink(void *unused)
 		if (n <= 0) {
 			if (n < 0 && errno != EAGAIN && errno != EINTR)
 				die("recvmmsg");
-			if (!drained && ack_fd < 0) {
-				/* The queue is empty: nap, so that under load one wake-up takes
-				 * many datagrams. Latency comes from the kernel's timestamps, so
-				 * the nap does not count; the buffer holds far more than a nap's
-				 * worth. A closed loop needs its acknowledgements at once. */
+			if (!drained && ack_fd < 0 && got >= NAP_MIN) {
+				/* The queue is empty after a busy wake-up: nap, so that under
+				 * load one wake-up takes many datagrams. Latency comes from the
+				 * kernel's timestamps, so the nap does not count; the buffer holds
+				 * far more than a nap's worth. At low rates there is no nap (it
+				 * would be one more wake-up per datagram), and a closed loop
+				 * needs its acknowledgements at once. */
 				struct timespec nap = {.tv_nsec = NAP_NS};
 				nanosleep(&nap, NULL);
 			}
 			drained = 1;
+			got = 0;
 		} else {
 			drained = 0;
+			got += n;
 			int64_t mono = mono_ns();
 			int64_t offset = clock_ns(CLOCK_REALTIME) - mono;
 			for (int i = 0; i < n; i++) {
