@@ -137,7 +137,7 @@ async def tcp_to_udp(
             sent_bytes += len(datagram)
         counters.tcp_to_udp_datagrams += sent
         counters.tcp_to_udp_bytes += sent_bytes
-        backlog.record(len(data), time.monotonic() - started)
+        backlog.record(len(data), len(frames), time.monotonic() - started)
     log.info("TCP connection closed by the peer")
     if decoder.pending:
         log.info(
@@ -148,32 +148,35 @@ async def tcp_to_udp(
 
 
 class Backlog:
-    """How long the bytes already waiting in the TCP receive queue will take to send.
+    """How long the bytes already waiting in the TCP receive queue would take to send.
 
-    The estimate is the queue's length (FIONREAD) at the recent sending rate. It is what
-    makes the bound hold under overload: a frame waits in the kernel before it waits here,
-    and a receive buffer sized for a long fat network could hold seconds of small frames.
+    The estimate is the queue's length (FIONREAD) at the best recent sending rate. It is
+    what makes the bound hold under overload: a frame waits in the kernel before it waits
+    here, and a receive buffer sized for a long fat network could hold seconds of small
+    frames. The best rate, not the average, so that a moment's preemption of this process
+    never makes a short queue look long; only reads of many frames count as samples, so
+    that light traffic never drops anything.
     """
 
-    DECAY = 0.9  # weight of the past in the sending rate, per read: about the last ten reads
+    DECAY = 0.99  # per sample: the best rate fades, so a slower stretch is noticed
+    MIN_FRAMES = 16  # a read with fewer frames is no measure of the sending rate
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         sock = getattr(stream, "socket", None)  # a SocketStream; anything else: no estimate
         self._fd = sock.fileno() if sock is not None else -1
-        self._bytes = 0.0
-        self._seconds = 0.0
+        self._rate = 0.0  # bytes per second
 
-    def record(self, sent: int, seconds: float) -> None:
-        """Sending ``sent`` bytes' worth of frames took ``seconds``."""
-        self._bytes = self._bytes * self.DECAY + sent
-        self._seconds = self._seconds * self.DECAY + seconds
+    def record(self, sent_bytes: int, frames: int, seconds: float) -> None:
+        """Sending ``frames`` frames, ``sent_bytes`` in all, took ``seconds``."""
+        if frames >= self.MIN_FRAMES and seconds > 0:
+            self._rate = max(sent_bytes / seconds, self._rate * self.DECAY)
 
     def wait(self) -> float:
         """Seconds until what waits in the kernel now would be sent."""
-        if self._fd < 0 or not self._bytes:
+        if self._fd < 0 or not self._rate:
             return 0.0
         queued = int.from_bytes(fcntl.ioctl(self._fd, termios.FIONREAD, bytes(4)), sys.byteorder)
-        return queued * self._seconds / self._bytes
+        return queued / self._rate
 
 
 async def _send_udp_slowly(
