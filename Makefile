@@ -52,7 +52,7 @@ bench: $(BENCH_STAMP)
 	$(VPY) contrib/bench/run.py $(BENCH_ARGS)
 
 install:
-	$(PYTHON) -m pip install --disable-pip-version-check --no-deps \
+	$(PYTHON) -m pip install --disable-pip-version-check \
 		--root '$(DESTDIR)/' --prefix '$(PREFIX)' .
 
 uninstall:
