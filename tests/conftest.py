@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
 BIN = Path(sys.executable).parent  # the environment's bin, not the interpreter it links to
 UDPTUNNEL = str(BIN / "udptunnel")  # the console script, as users run it
@@ -167,6 +168,14 @@ def _is_free(family: int, host: str, port: int) -> bool:
             except OSError:
                 return False
     return True
+
+
+async def open_trio_udp(host: str = "127.0.0.1", port: int = 0) -> trio.socket.SocketType:
+    """A bound Trio UDP socket, for tests that run tunnel code in-process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    await sock.bind((host, port))
+    return sock
 
 
 def udp_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

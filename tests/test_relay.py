@@ -17,7 +17,9 @@ from udptunnel.errors import TunnelError
 from udptunnel.framing import Decoder, encode
 from udptunnel.relay import UdpSockets, run_relay
 
-CEILING = 10  # seconds: no test here may take longer
+from .conftest import WAIT as CEILING
+from .conftest import open_trio_udp
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -42,12 +44,6 @@ class Rig:
         while not self.frames:
             self.frames += map(bytes, self.decoder.feed(await self.peer.receive_some(65536)))
         return self.frames.pop(0)
-
-
-async def udp_socket(address: tuple[str, int] = (LOOPBACK, 0)) -> trio.socket.SocketType:
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind(address)
-    return sock
 
 
 def relay_socket() -> socket.socket:
@@ -85,7 +81,7 @@ async def relay_rig(
         for end, option in ((stream, socket.SO_SNDBUF), (peer, socket.SO_RCVBUF)):
             if tcp_buffer:
                 end.socket.setsockopt(socket.SOL_SOCKET, option, tcp_buffer)
-        with await udp_socket() as app, relay_socket() as receive, relay_socket() as send:
+        with await open_trio_udp() as app, relay_socket() as receive, relay_socket() as send:
             if receive_buffer:
                 receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             receive.bind((LOOPBACK, 0))
@@ -152,12 +148,12 @@ async def test_connection_refused_is_cleared_and_the_datagram_still_sent(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="udptunnel")
-    with await udp_socket() as placeholder:
+    with await open_trio_udp() as placeholder:
         closed = placeholder.getsockname()  # a port with nobody on it, once closed
     async with relay_rig(destination=closed) as rig:
         await rig.peer.send_all(encode(b"into the void"))  # answered by port unreachable
         await trio.testing.wait_all_tasks_blocked()
-        with await udp_socket(closed) as late_app:
+        with await open_trio_udp(*closed) as late_app:
             await rig.peer.send_all(encode(b"now someone listens"))
             assert (await late_app.recvfrom(100))[0] == b"now someone listens"
     assert "ECONNREFUSED on udp_send_sock; clearing." in caplog.text

@@ -7,6 +7,9 @@ import fcntl
 import socket
 import sys
 import termios
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,14 +22,8 @@ from udptunnel.counters import Counters
 from udptunnel.framing import Decoder, encode
 from udptunnel.tunnel import Ready, run_tunnel
 
-CEILING = 10  # seconds: no test here may take longer
-
-
-async def udp_socket(host: str) -> trio.socket.SocketType:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-    await sock.bind((host, 0))
-    return sock
+from .conftest import WAIT as CEILING
+from .conftest import open_trio_udp as udp_socket
 
 
 def server_config(host: str, app: trio.socket.SocketType, *, rtp: bool = False) -> Config:
@@ -53,18 +50,34 @@ async def receive(sock: trio.socket.SocketType) -> bytes:
     return (await sock.recvfrom(65536))[0]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-async def test_ours_to_ours_both_ways(host: str) -> None:
+@dataclass
+class Ends:
+    """Both tunnel ends running in-process, and the application socket behind each."""
+
+    a: trio.socket.SocketType  # behind the server
+    b: trio.socket.SocketType  # behind the client
+    server: Ready
+    client: Ready
+
+
+@asynccontextmanager
+async def both_ends(host: str) -> AsyncIterator[Ends]:
     with trio.fail_after(CEILING), await udp_socket(host) as a, await udp_socket(host) as b:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(run_tunnel, server_config(host, a), Counters())
             client = await nursery.start(run_tunnel, client_config(host, server, b), Counters())
-            for n in range(10):
-                await b.sendto(b"to a %d" % n, client.udp[0])
-                assert await receive(a) == b"to a %d" % n
-                await a.sendto(b"to b %d" % n, server.udp[0])
-                assert await receive(b) == b"to b %d" % n
+            yield Ends(a, b, server, client)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_ours_to_ours_both_ways(host: str) -> None:
+    async with both_ends(host) as ends:
+        for n in range(10):
+            await ends.b.sendto(b"to a %d" % n, ends.client.udp[0])
+            assert await receive(ends.a) == b"to a %d" % n
+            await ends.a.sendto(b"to b %d" % n, ends.server.udp[0])
+            assert await receive(ends.b) == b"to b %d" % n
 
 
 async def test_datagrams_sent_before_the_client_connects_are_forwarded() -> None:
@@ -151,14 +164,9 @@ async def test_both_streams_have_nagle_off(monkeypatch: pytest.MonkeyPatch) -> N
         await original(stream, *args, **kwargs)
 
     monkeypatch.setattr(tunnel, "run_relay", recording)
-    host = "127.0.0.1"
-    with trio.fail_after(CEILING), await udp_socket(host) as a, await udp_socket(host) as b:
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(run_tunnel, server_config(host, a), Counters())
-            client = await nursery.start(run_tunnel, client_config(host, server, b), Counters())
-            await b.sendto(b"through", client.udp[0])  # proves both relays are running
-            assert await receive(a) == b"through"
-            nursery.cancel_scope.cancel()
+    async with both_ends("127.0.0.1") as ends:
+        await ends.b.sendto(b"through", ends.client.udp[0])  # proves both relays are running
+        assert await receive(ends.a) == b"through"
     assert seen == [1, 1]
 
 
