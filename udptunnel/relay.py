@@ -12,10 +12,10 @@ and sends each frame straight out of them, without copying.
 Overload: when datagrams arrive faster than they can leave, the tunnel drops rather than
 queues. Into the tunnel, the UDP receive queue in the kernel is the only queue; it is short,
 and when it is full the kernel drops the newest datagrams, at no cost to the relay, so the
-relay's time goes to delivering. Out of the tunnel, frames that would wait in this end
-(in the kernel's TCP receive queue, then here) longer than ``max_delay`` are dropped, oldest
-first: a late datagram is worth less to real-time traffic than a current one, and dropping
-it is what lets the current ones through on time.
+relay's time goes to delivering. Out of the tunnel, when the frames in hand and those
+queued behind them in the kernel would take longer than ``max_delay`` to send, the oldest
+are dropped until the rest can make it: a late datagram is worth less to real-time traffic
+than a current one, and dropping it is what lets the current ones through on time.
 """
 
 from __future__ import annotations
@@ -120,9 +120,8 @@ async def tcp_to_udp(
     send = udp.send.send
     while data := await _receive(stream):
         frames = decoder.feed(data)
-        if backlog.wait() > max_delay:  # these are the oldest: drop them, not what follows
-            counters.dropped_late += len(frames)
-            continue
+        if (excess := backlog.excess(len(data), max_delay)) > 0:
+            frames = _drop_oldest(frames, excess, counters)
         started = time.monotonic()
         sent = sent_bytes = 0
         for datagram in frames:
@@ -150,33 +149,48 @@ async def tcp_to_udp(
 class Backlog:
     """How long the bytes already waiting in the TCP receive queue would take to send.
 
-    The estimate is the queue's length (FIONREAD) at the best recent sending rate. It is
-    what makes the bound hold under overload: a frame waits in the kernel before it waits
-    here, and a receive buffer sized for a long fat network could hold seconds of small
-    frames. The best rate, not the average, so that a moment's preemption of this process
-    never makes a short queue look long; only reads of many frames count as samples, so
-    that light traffic never drops anything.
+    The estimate is the queue's length (FIONREAD) at the recent sending rate. It is what
+    makes the bound hold under overload: a frame waits in the kernel before it waits here,
+    and a receive buffer sized for a long fat network could hold seconds of small frames.
+    Only reads of many frames count as samples of the rate: a read of one or two frames,
+    which is all light traffic brings, measures the process's scheduling more than its
+    sending, and light traffic has no backlog to drop anyway.
     """
 
-    DECAY = 0.99  # per sample: the best rate fades, so a slower stretch is noticed
+    DECAY = 0.9  # per sample: the rate of about the last ten busy reads
     MIN_FRAMES = 16  # a read with fewer frames is no measure of the sending rate
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         sock = getattr(stream, "socket", None)  # a SocketStream; anything else: no estimate
         self._fd = sock.fileno() if sock is not None else -1
-        self._rate = 0.0  # bytes per second
+        self._bytes = 0.0
+        self._seconds = 0.0
 
     def record(self, sent_bytes: int, frames: int, seconds: float) -> None:
         """Sending ``frames`` frames, ``sent_bytes`` in all, took ``seconds``."""
-        if frames >= self.MIN_FRAMES and seconds > 0:
-            self._rate = max(sent_bytes / seconds, self._rate * self.DECAY)
+        if frames >= self.MIN_FRAMES:
+            self._bytes = self._bytes * self.DECAY + sent_bytes
+            self._seconds = self._seconds * self.DECAY + seconds
 
-    def wait(self) -> float:
-        """Seconds until what waits in the kernel now would be sent."""
-        if self._fd < 0 or not self._rate:
+    def excess(self, in_hand: int, max_delay: float) -> float:
+        """How many bytes, of those in hand and those queued behind them, cannot be sent
+        within ``max_delay`` at the recent rate: the oldest of them should be dropped."""
+        if self._fd < 0 or not self._seconds:
             return 0.0
         queued = int.from_bytes(fcntl.ioctl(self._fd, termios.FIONREAD, bytes(4)), sys.byteorder)
-        return queued / self._rate
+        return in_hand + queued - max_delay * self._bytes / self._seconds
+
+
+def _drop_oldest(frames: list[memoryview], excess: float, counters: Counters) -> list[memoryview]:
+    """Drop frames from the front of ``frames`` until ``excess`` bytes are gone."""
+    count = dropped = 0
+    for frame in frames:
+        if dropped >= excess:
+            break
+        dropped += HEADER.size + len(frame)
+        count += 1
+    counters.dropped_late += count
+    return frames[count:]
 
 
 async def _send_udp_slowly(
@@ -226,7 +240,6 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
     pack = HEADER.pack_into
     dropped_before = kernel_drops(sock)
     while True:
-        await trio.lowlevel.wait_readable(sock)
         end = count = 0
         while end < BATCH_SIZE:
             try:
@@ -248,6 +261,8 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
                 raise TunnelError(f"TCP connection lost while sending: {_reason(exc)}") from exc
             counters.udp_to_tcp_datagrams += count
             counters.udp_to_tcp_bytes += end - HEADER.size * count
+        else:  # nothing was waiting: sleep until something is (while busy, never ask)
+            await trio.lowlevel.wait_readable(sock)
         dropped = kernel_drops(sock)
         counters.dropped_overflow += dropped - dropped_before
         dropped_before = dropped
