@@ -596,7 +596,14 @@ def run_case(
     case["load"] = {
         load.app: {
             key: load.totals[key]
-            for key in ("cpu_ns", "send_cpu_ns", "recv_cpu_ns", "malformed", "untimed")
+            for key in (
+                "cpu_ns",
+                "send_cpu_ns",
+                "recv_cpu_ns",
+                "malformed",
+                "untimed",
+                "ack_failures",
+            )
         }
         for load in loads
     }

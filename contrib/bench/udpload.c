@@ -70,6 +70,7 @@
 #define RECEIVE_COPY 64    /* bytes of each datagram the sink copies: the header and spare */
 #define POLL_MS 100        /* the sink's receive timeout: how often it looks at its flags */
 #define STALL_MS 100       /* closed loop: no acknowledgement this long means loss */
+#define ACK_WAIT_US 5000   /* the longest an acknowledgement waits for room at the sender */
 #define NAP_NS 2000000     /* the sink's pause after a busy wake-up, unless it acknowledges */
 #define NAP_MIN 16         /* datagrams in one wake-up that make it a busy one */
 #define NS 1000000000LL
@@ -366,6 +367,12 @@ static void *sink(void *unused)
 		ack_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 		if (ack_fd < 0 || strlen(opt.ack_to) >= sizeof ack_to.sun_path)
 			die("ack socket");
+		/* A full queue at the sender blocks the acknowledgement a moment (the sender
+		 * reads them all the time), not until the next datagram, which will not come
+		 * while the window is full; a sender that has finished stops it after this. */
+		struct timeval ack_wait = {.tv_usec = ACK_WAIT_US};
+		if (setsockopt(ack_fd, SOL_SOCKET, SO_SNDTIMEO, &ack_wait, sizeof ack_wait) < 0)
+			die("SO_SNDTIMEO");
 		strcpy(ack_to.sun_path, opt.ack_to);
 	}
 	int64_t last_rx = 0, drain_start = 0;
@@ -442,11 +449,11 @@ static void *sink(void *unused)
 		}
 		if (ack_pending) {
 			uint64_t value = received;
-			if (sendto(ack_fd, &value, sizeof value, MSG_DONTWAIT,
+			if (sendto(ack_fd, &value, sizeof value, 0,
 				   (struct sockaddr *)&ack_to, sizeof ack_to) == sizeof value)
 				ack_pending = 0;
 			else
-				ack_failures++;  /* the sender's queue is full: try again next round */
+				ack_failures++;  /* the sender's queue stayed full: try again later */
 		}
 	}
 	recv_cpu_ns = clock_ns(CLOCK_THREAD_CPUTIME_ID);
