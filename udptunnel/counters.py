@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,10 +18,28 @@ class Counters:
     tcp_to_udp_datagrams: int = 0
     tcp_to_udp_bytes: int = 0
     dropped_own: int = 0  # our own datagrams looped back to us (the original's self-loop)
-    dropped_overflow: int = 0  # into the tunnel: the kernel's receive queue was full
     dropped_late: int = 0  # out of the tunnel: waited here longer than the maximum delay
     dropped_too_large: int = 0  # frames too long for one UDP datagram on this path
     dropped_unsent: int = 0  # UDP sends refused or unroutable at that moment
+    # Into the tunnel, the kernel drops when a receive queue is full and counts per socket:
+    # those counts are read when wanted (live sockets) or were kept when a socket closed.
+    _overflow_live: list[Callable[[], int]] = field(default_factory=list, repr=False)
+    _overflow_closed: int = 0
+
+    def watch_overflow(self, read: Callable[[], int]) -> Callable[[], None]:
+        """Count a socket's kernel drops, read by ``read``; call the result before it closes."""
+        self._overflow_live.append(read)
+
+        def retire() -> None:
+            self._overflow_closed += read()
+            self._overflow_live.remove(read)
+
+        return retire
+
+    @property
+    def dropped_overflow(self) -> int:
+        """Into the tunnel: datagrams the kernel dropped, its receive queue full."""
+        return self._overflow_closed + sum(read() for read in self._overflow_live)
 
     @property
     def dropped(self) -> int:

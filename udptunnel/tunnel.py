@@ -17,7 +17,7 @@ import trio
 
 from .config import Config, Mode, Relay
 from .counters import Counters
-from .relay import UdpSockets, run_relay, run_then
+from .relay import UdpSockets, kernel_drops, run_relay, run_then
 from .sockets import (
     WILDCARD,
     Resolved,
@@ -88,6 +88,8 @@ async def run_tunnel(
             )
             for plan in plans
         ]
+        for udp in udps:  # closed by udp_stack later: count its drops until then
+            udp_stack.callback(counters.watch_overflow(partial(kernel_drops, udp.receive)))
         udp_addresses = [udp.receive.getsockname() for udp in udps]
         async with contextlib.AsyncExitStack() as stack:
             if config.mode is Mode.SERVER:
