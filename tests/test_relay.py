@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +18,14 @@ import trio.testing
 from udptunnel.counters import Counters
 from udptunnel.errors import TunnelError
 from udptunnel.framing import Decoder, encode
-from udptunnel.relay import Backlog, UdpSockets, _drop_oldest, kernel_drops, run_relay
+from udptunnel.relay import (
+    Backlog,
+    UdpSockets,
+    _drop_oldest,
+    kernel_drops,
+    run_relay,
+    tcp_to_udp,
+)
 
 from .conftest import WAIT as CEILING
 from .conftest import open_trio_udp
@@ -270,3 +279,43 @@ async def test_every_datagram_either_arrives_or_is_counted_as_dropped() -> None:
         await rig.send_to_tunnel(b"marker")  # nothing else was kept back
         assert await rig.frame_from_tunnel() == b"marker"
         assert len(received) + rig.counters.dropped_overflow == sent
+
+
+class Unreachable:
+    """A UDP send socket whose network has gone away, for one datagram or for good."""
+
+    def __init__(self, error: int, times: int) -> None:
+        self.error, self.times, self.sent = error, times, []
+
+    def send(self, datagram: memoryview) -> int:
+        if self.times:
+            self.times -= 1
+            raise OSError(self.error, os.strerror(self.error))
+        self.sent.append(bytes(datagram))
+        return len(datagram)
+
+
+@pytest.mark.parametrize("error", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM])
+async def test_a_transient_send_failure_drops_one_datagram_not_the_tunnel(error: int) -> None:
+    send = Unreachable(error, times=1)
+    stream, peer = await tcp_pair()
+    counters = Counters()
+    async with stream, peer:
+        with relay_socket() as receive:
+            udp = UdpSockets(receive, send, frozenset())  # type: ignore[arg-type]
+            with trio.fail_after(CEILING):
+                await peer.send_all(encode(b"lost") + encode(b"kept"))
+                await peer.send_eof()
+                await tcp_to_udp(stream, udp, counters, max_delay=1.0)
+    assert send.sent == [b"kept"]
+    assert counters.dropped_unsent == 1 and counters.tcp_to_udp_datagrams == 1
+
+
+async def test_a_lasting_send_failure_is_a_tunnel_error() -> None:
+    udp = UdpSockets(relay_socket(), Unreachable(errno.EBADF, times=1), frozenset())  # type: ignore[arg-type]
+    stream, peer = await tcp_pair()
+    async with stream, peer:
+        await peer.send_all(encode(b"x"))
+        with pytest.raises(TunnelError, match="cannot send UDP datagram: Bad file descriptor"):
+            await tcp_to_udp(stream, udp, Counters(), max_delay=1.0)
+    udp.receive.close()
