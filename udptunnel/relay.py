@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TCP_RECEIVE_SIZE = 64 * 1024  # per read: many frames, yet a short turn for the other task
 BATCH_SIZE = 64 * 1024  # frames gathered from UDP before one TCP write
+YIELD_EVERY = 1024  # frames sent from one TCP read between two looks at the scheduler
 SO_MEMINFO = 55  # Linux <asm-generic/socket.h>: the socket's memory counters, drops among them
 _MEMINFO = struct.Struct("9I")  # struct sk_meminfo: SK_MEMINFO_DROPS is the ninth
 # UDP send failures that concern one datagram, not the tunnel: routes come and go, and a
@@ -119,12 +120,13 @@ async def tcp_to_udp(
     backlog = Backlog(stream)
     verbose = log.isEnabledFor(logging.DEBUG)
     send = udp.send.send
+    last = time.monotonic()
     while data := await _receive(stream):
         frames = decoder.feed(data)
-        # A short read emptied the kernel's queue: nothing waits behind it.
-        if len(data) == TCP_RECEIVE_SIZE and (excess := backlog.excess(len(data), max_delay)) > 0:
+        # Only a full read is a sign of backlog: a short one emptied the kernel's queue.
+        busy = len(data) == TCP_RECEIVE_SIZE
+        if busy and (excess := backlog.excess(len(data), max_delay)) > 0:
             frames = _drop_oldest(frames, excess, counters)
-        started = time.monotonic()
         sent = sent_bytes = 0
         for datagram in frames:
             if verbose:
@@ -136,9 +138,15 @@ async def tcp_to_udp(
                     continue
             sent += 1
             sent_bytes += len(datagram)
-        counters.tcp_to_udp_datagrams += sent
+            if not sent % YIELD_EVERY:  # a read of tiny frames must not hold up everyone else
+                counters.tcp_to_udp_datagrams += YIELD_EVERY
+                await trio.lowlevel.checkpoint()
+        counters.tcp_to_udp_datagrams += sent % YIELD_EVERY
         counters.tcp_to_udp_bytes += sent_bytes
-        backlog.record(len(data), len(frames), time.monotonic() - started)
+        now = time.monotonic()
+        if busy:  # bytes through per second of wall time: reading, sending, and being preempted
+            backlog.record(sent_bytes + HEADER.size * sent, now - last)
+        last = now
     log.info("TCP connection closed by the peer")
     if decoder.pending:
         log.info(
@@ -151,16 +159,15 @@ async def tcp_to_udp(
 class Backlog:
     """How long the bytes already waiting in the TCP receive queue would take to send.
 
-    The estimate is the queue's length (FIONREAD) at the recent sending rate. It is what
-    makes the bound hold under overload: a frame waits in the kernel before it waits here,
-    and a receive buffer sized for a long fat network could hold seconds of small frames.
-    Only reads of many frames count as samples of the rate: a read of one or two frames,
-    which is all light traffic brings, measures the process's scheduling more than its
-    sending, and light traffic has no backlog to drop anyway.
+    The estimate is the queue's length (FIONREAD) at the recent rate of this direction:
+    bytes sent per second of wall time, measured over reads that filled the buffer, so that
+    it counts reading, sending and the time other tasks and processes take. It is what makes
+    the bound hold under overload: a frame waits in the kernel before it waits here, and a
+    receive buffer sized for a long fat network could hold seconds of small frames. Light
+    traffic, which never fills a read, gives no samples and is never dropped.
     """
 
     DECAY = 0.9  # per sample: the rate of about the last ten busy reads
-    MIN_FRAMES = 16  # a read with fewer frames is no measure of the sending rate
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         sock = getattr(stream, "socket", None)  # a SocketStream; anything else: no estimate
@@ -168,16 +175,15 @@ class Backlog:
         self._bytes = 0.0
         self._seconds = 0.0
 
-    def record(self, sent_bytes: int, frames: int, seconds: float) -> None:
-        """Sending ``frames`` frames, ``sent_bytes`` in all, took ``seconds``."""
-        if frames >= self.MIN_FRAMES:
-            self._bytes = self._bytes * self.DECAY + sent_bytes
-            self._seconds = self._seconds * self.DECAY + seconds
+    def record(self, sent: int, seconds: float) -> None:
+        """``sent`` bytes of frames went out in ``seconds`` of a busy stretch."""
+        self._bytes = self._bytes * self.DECAY + sent
+        self._seconds = self._seconds * self.DECAY + seconds
 
     def excess(self, in_hand: int, max_delay: float) -> float:
         """How many bytes, of those in hand and those queued behind them, cannot be sent
         within ``max_delay`` at the recent rate: the oldest of them should be dropped."""
-        if self._fd < 0 or not self._seconds:
+        if self._fd < 0 or not self._seconds or not self._bytes:
             return 0.0
         queued = int.from_bytes(fcntl.ioctl(self._fd, termios.FIONREAD, bytes(4)), sys.byteorder)
         return in_hand + queued - max_delay * self._bytes / self._seconds
@@ -289,8 +295,13 @@ async def _send_tcp(stream: trio.abc.Stream, fd: int, data: memoryview) -> None:
 
 def kernel_drops(sock: socket.socket) -> int:
     """How many datagrams the kernel dropped because the socket's receive queue was full,
-    since the socket was made: read when wanted, so it costs the relay nothing."""
-    return int(_MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))[8])
+    since the socket was made: read when wanted, so it costs the relay nothing. 0 where the
+    kernel cannot say (SO_MEMINFO is Linux 4.12 and later)."""
+    try:
+        meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return 0
+    return int(_MEMINFO.unpack(meminfo)[8])
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:

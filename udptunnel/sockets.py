@@ -171,9 +171,9 @@ async def listen(
 
 
 async def connect(
-    stack: contextlib.AsyncExitStack, addresses: list[Resolved], label: Address
+    connections: Connections, addresses: list[Resolved], label: Address
 ) -> tuple[trio.SocketStream, SockAddr]:
-    """Connect to the first address that answers; the stream is closed with ``stack``.
+    """Connect to the first address that answers; the stream is closed with ``connections``.
 
     Returns:
         The stream and the address it is connected to.
@@ -194,35 +194,45 @@ async def connect(
             sock.close()
             raise
         log.info("Connected TCP to %s", _show(address))
-        return adopt(stack, trio.SocketStream(sock)), address
+        return connections.adopt(trio.SocketStream(sock)), address
     reason = strerror(failure) if failure else "no address"
     raise TunnelError(f"cannot connect to TCP {label}: {reason}") from failure
 
 
-def adopt(stack: contextlib.AsyncExitStack, stream: trio.SocketStream) -> trio.SocketStream:
-    """Tune a new connection for the tunnel; ``stack`` closes it, gracefully, when it unwinds.
+class Connections:
+    """The tunnel's TCP connections, tuned when adopted and closed together, in order.
 
     Trio already turns Nagle off (TCP_NODELAY). TCP_NOTSENT_LOWAT keeps the data that the
     kernel holds unsent short, so that when the network is slower than the datagrams come,
     the relay stops reading UDP (and the kernel drops there) instead of queueing seconds.
     """
-    stack.push_async_callback(close_gracefully, stream)
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
-    return stream
+
+    def __init__(self) -> None:
+        self._streams: list[trio.SocketStream] = []
+
+    def adopt(self, stream: trio.SocketStream) -> trio.SocketStream:
+        self._streams.append(stream)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
+        return stream
+
+    async def aclose(self) -> None:
+        """Close every connection so that its peer sees an orderly end, even when this end is
+        being cancelled: all at once, within CLOSE_GRACE in all."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+            async with trio.open_nursery() as nursery:
+                for stream in self._streams:
+                    nursery.start_soon(_goodbye, stream)
+        for stream in self._streams:
+            stream.socket.close()
 
 
-async def close_gracefully(stream: trio.SocketStream) -> None:
-    """Close so that the peer sees an orderly end, even when this end is being cancelled.
-
-    Send our end (FIN), read and discard until the peer's end, then close. Closing with
-    unread data would send a reset, which the peer would rightly take for a failure.
-    """
-    gone = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE), contextlib.suppress(*gone):
+async def _goodbye(stream: trio.SocketStream) -> None:
+    """Send our end (FIN), then read and discard until the peer's end. Closing with unread
+    data would send a reset, which the peer would rightly take for a failure."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await stream.send_eof()
         while await stream.receive_some(TCP_RECEIVE_SIZE):
             pass
-    stream.socket.close()
 
 
 def refuse(stream: trio.SocketStream) -> None:

@@ -20,9 +20,9 @@ from .counters import Counters
 from .relay import UdpSockets, kernel_drops, run_relay, run_then
 from .sockets import (
     WILDCARD,
+    Connections,
     Resolved,
     SockAddr,
-    adopt,
     connect,
     is_multicast,
     listen,
@@ -92,12 +92,16 @@ async def run_tunnel(
             udp_stack.callback(counters.watch_overflow(partial(kernel_drops, udp.receive)))
         udp_addresses = [udp.receive.getsockname() for udp in udps]
         async with contextlib.AsyncExitStack() as stack:
+            connections = Connections()
+            stack.push_async_callback(connections.aclose)
             if config.mode is Mode.SERVER:
-                await _serve(stack, config, plans, udps, counters, udp_addresses, task_status)
+                await _serve(
+                    stack, connections, config, plans, udps, counters, udp_addresses, task_status
+                )
                 return
-            connections = [await connect(stack, plan.tcp, plan.relay.tcp) for plan in plans]
-            task_status.started(Ready([[address] for _, address in connections], udp_addresses))
-            streams = [stream for stream, _ in connections]
+            connected = [await connect(connections, plan.tcp, plan.relay.tcp) for plan in plans]
+            task_status.started(Ready([[address] for _, address in connected], udp_addresses))
+            streams = [stream for stream, _ in connected]
             await _run_relays(streams, udps, counters, config.max_delay)
 
 
@@ -115,6 +119,7 @@ async def _resolve(relay: Relay, mode: Mode) -> _Plan:
 
 async def _serve(
     stack: contextlib.AsyncExitStack,
+    connections: Connections,
     config: Config,
     plans: list[_Plan],
     udps: list[UdpSockets],
@@ -138,7 +143,7 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         streams = []
         for listeners in listener_sets:
-            streams.append(await _accept_first(stack, listeners))
+            streams.append(await _accept_first(connections, listeners))
             log.info("TCP connection from %s", peer(streams[-1]))
             for listener in listeners:
                 nursery.start_soon(_refuse_all, listener)
@@ -147,9 +152,9 @@ async def _serve(
 
 
 async def _accept_first(
-    stack: contextlib.AsyncExitStack, listeners: list[trio.SocketListener]
+    connections: Connections, listeners: list[trio.SocketListener]
 ) -> trio.SocketStream:
-    """The first connection on any of the listeners, closed with ``stack``."""
+    """The first connection on any of the listeners, closed with ``connections``."""
     accepted: list[trio.SocketStream] = []
     try:
         async with trio.open_nursery() as nursery:
@@ -162,7 +167,7 @@ async def _accept_first(
     first, *others = accepted
     for stream in others:  # two at the same instant: the later one is refused like any other
         refuse(stream)
-    return adopt(stack, first)
+    return connections.adopt(first)
 
 
 async def _accept_into(
