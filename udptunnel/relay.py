@@ -120,8 +120,8 @@ async def tcp_to_udp(
     backlog = Backlog(stream)
     verbose = log.isEnabledFor(logging.DEBUG)
     send = udp.send.send
-    last = time.monotonic()
     while data := await _receive(stream):
+        started = time.monotonic()
         frames = decoder.feed(data)
         # Only a full read is a sign of backlog: a short one emptied the kernel's queue.
         busy = len(data) == TCP_RECEIVE_SIZE
@@ -143,10 +143,8 @@ async def tcp_to_udp(
                 await trio.lowlevel.checkpoint()
         counters.tcp_to_udp_datagrams += sent % YIELD_EVERY
         counters.tcp_to_udp_bytes += sent_bytes
-        now = time.monotonic()
-        if busy:  # bytes through per second of wall time: reading, sending, and being preempted
-            backlog.record(sent_bytes + HEADER.size * sent, now - last)
-        last = now
+        if busy:  # bytes sent per second of handling a full read, preemption included
+            backlog.record(sent_bytes + HEADER.size * sent, time.monotonic() - started)
     log.info("TCP connection closed by the peer")
     if decoder.pending:
         log.info(
@@ -160,8 +158,9 @@ class Backlog:
     """How long the bytes already waiting in the TCP receive queue would take to send.
 
     The estimate is the queue's length (FIONREAD) at the recent rate of this direction:
-    bytes sent per second of wall time, measured over reads that filled the buffer, so that
-    it counts reading, sending and the time other tasks and processes take. It is what makes
+    bytes sent per second spent handling reads that filled the buffer (time lost to other
+    processes while sending included; time the other direction's task takes between reads
+    is not, so under a flood both ways the estimate runs optimistic). It is what makes
     the bound hold under overload: a frame waits in the kernel before it waits here, and a
     receive buffer sized for a long fat network could hold seconds of small frames. Light
     traffic, which never fills a read, gives no samples and is never dropped.
