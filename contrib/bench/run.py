@@ -128,34 +128,27 @@ SCENARIOS = [
     ),
     Scenario("paced-200", "200 B at 1,000/s", (Flow(A_B, 200, rate=1000),), 10, 2),
     Scenario("paced-1200", "1200 B at 1,000/s", (Flow(A_B, 1200, rate=1000),), 10, 2),
-    Scenario(
-        "capacity-64",
-        "closed loop, 64 in flight, 64 B (one-way capacity)",
-        (Flow(A_B, 64, window=64),),
-        10,
-        2,
-        kind="capacity",
+    *(
+        Scenario(
+            f"capacity-{size}",
+            f"closed loop, 64 in flight, {size} B (one-way capacity)",
+            (Flow(A_B, size, window=64),),
+            10,
+            2,
+            kind="capacity",
+        )
+        for size in (64, 200, 1400)
     ),
-    Scenario(
-        "capacity-200",
-        "closed loop, 64 in flight, 200 B (one-way capacity)",
-        (Flow(A_B, 200, window=64),),
-        10,
-        2,
-        kind="capacity",
-    ),
-    Scenario(
-        "capacity-1400",
-        "closed loop, 64 in flight, 1400 B (one-way capacity)",
-        (Flow(A_B, 1400, window=64),),
-        10,
-        2,
-        kind="capacity",
-    ),
-    Scenario("overload-64", "unpaced overload, 64 B", (Flow(A_B, 64),), 10, 2, kind="overload"),
-    Scenario("overload-512", "unpaced overload, 512 B", (Flow(A_B, 512),), 10, 2, kind="overload"),
-    Scenario(
-        "overload-1400", "unpaced overload, 1400 B", (Flow(A_B, 1400),), 10, 2, kind="overload"
+    *(
+        Scenario(
+            f"overload-{size}",
+            f"unpaced overload, {size} B",
+            (Flow(A_B, size),),
+            10,
+            2,
+            kind="overload",
+        )
+        for size in (64, 512, 1400)
     ),
     Scenario(
         "flood-both",
