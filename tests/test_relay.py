@@ -292,6 +292,9 @@ class Unreachable:
         self.sent.append(bytes(datagram))
         return len(datagram)
 
+    def sendmsg(self, buffers: list[memoryview], ancdata: object) -> int:
+        raise OSError(errno.EIO, "no segmentation here: every datagram goes one by one")
+
 
 @pytest.mark.parametrize("error", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM])
 async def test_a_transient_send_failure_drops_one_datagram_not_the_tunnel(error: int) -> None:

@@ -4,10 +4,10 @@ Each direction has exactly one writer, so frames never interleave and TCP backpr
 reaches the UDP reader with no lock in between. The relay opens and closes nothing: it is
 handed a connected stream and the UDP sockets, and returns when the TCP peer closes.
 
-Speed comes from doing per-datagram work only where there is no way round it, one system
-call each: UDP to TCP drains every datagram waiting (up to a batch) into one reusable buffer
-behind its length header and sends the batch as one TCP write; TCP to UDP reads large chunks
-and sends each frame straight out of them, without copying.
+Speed comes from doing per-datagram work only where there is no way round it: UDP to TCP
+drains every datagram waiting (up to a batch) into one reusable buffer behind its length
+header and sends the batch as one TCP write; TCP to UDP reads large chunks and sends the
+frames straight out of them, without copying, runs of equal size in one call (egress.py).
 
 Overload: when datagrams arrive faster than they can leave, the tunnel drops rather than
 queues. Into the tunnel, the UDP receive queue in the kernel is the only queue; it is short,
@@ -20,7 +20,6 @@ than a current one, and dropping it is what lets the current ones through on tim
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -36,6 +35,7 @@ from functools import partial
 import trio
 
 from .counters import Counters
+from .egress import UdpSender
 from .errors import TunnelError
 from .framing import HEADER, MAX_DATAGRAM, Decoder
 
@@ -43,22 +43,8 @@ log = logging.getLogger(__name__)
 
 TCP_RECEIVE_SIZE = 64 * 1024  # per read: many frames, yet a short turn for the other task
 BATCH_SIZE = 64 * 1024  # frames gathered from UDP before one TCP write
-YIELD_EVERY = 1024  # frames sent from one TCP read between two looks at the scheduler
 SO_MEMINFO = 55  # Linux <asm-generic/socket.h>: the socket's memory counters, drops among them
 _MEMINFO = struct.Struct("9I")  # struct sk_meminfo: SK_MEMINFO_DROPS is the ninth
-# UDP send failures that concern one datagram, not the tunnel: routes come and go, and a
-# firewall may refuse one destination (EPERM).
-_TRANSIENT_SEND_ERRORS = frozenset(
-    {
-        errno.ENETUNREACH,
-        errno.EHOSTUNREACH,
-        errno.ENETDOWN,
-        errno.EHOSTDOWN,
-        errno.ENOBUFS,
-        errno.EPERM,
-        errno.ECONNREFUSED,
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -118,8 +104,7 @@ async def tcp_to_udp(
     """
     decoder = Decoder()
     backlog = Backlog(stream)
-    verbose = log.isEnabledFor(logging.DEBUG)
-    send = udp.send.send
+    sender = UdpSender(udp.send, counters)
     while data := await _receive(stream):
         started = time.monotonic()
         frames = decoder.feed(data)
@@ -127,22 +112,7 @@ async def tcp_to_udp(
         busy = len(data) == TCP_RECEIVE_SIZE
         if busy and (excess := backlog.excess(len(data), max_delay)) > 0:
             frames = _drop_oldest(frames, excess, counters)
-        sent = sent_bytes = 0
-        for datagram in frames:
-            if verbose:
-                log.debug("Received packet on TCP, length %d; sending as UDP", len(datagram))
-            try:
-                send(datagram)
-            except OSError as exc:
-                if not await _send_udp_slowly(udp.send, datagram, exc, counters):
-                    continue
-            sent += 1
-            sent_bytes += len(datagram)
-            if not sent % YIELD_EVERY:  # a read of tiny frames must not hold up everyone else
-                counters.tcp_to_udp_datagrams += YIELD_EVERY
-                await trio.lowlevel.checkpoint()
-        counters.tcp_to_udp_datagrams += sent % YIELD_EVERY
-        counters.tcp_to_udp_bytes += sent_bytes
+        sent, sent_bytes = await sender.send(frames)
         if busy:  # bytes sent per second of handling a full read, preemption included
             backlog.record(sent_bytes + HEADER.size * sent, time.monotonic() - started)
     log.info("TCP connection closed by the peer")
@@ -198,39 +168,6 @@ def _drop_oldest(frames: list[memoryview], excess: float, counters: Counters) ->
         count += 1
     counters.dropped_late += count
     return frames[count:]
-
-
-async def _send_udp_slowly(
-    sock: socket.socket, datagram: memoryview, failure: OSError, counters: Counters
-) -> bool:
-    """Deal with a UDP send that failed: wait and retry, or drop. True if it was sent."""
-    cleared = False
-    while True:
-        if isinstance(failure, BlockingIOError):  # the socket's send buffer is full: wait
-            await trio.lowlevel.wait_writable(sock)
-        elif isinstance(failure, ConnectionRefusedError) and not cleared:
-            # A port-unreachable answer to an earlier datagram left its error on the socket,
-            # and this send failed with it before sending anything. The original lost this
-            # datagram; here it goes out on the second try.
-            log.debug("ECONNREFUSED on udp_send_sock; clearing.")
-            cleared = True
-        else:
-            break
-        try:
-            sock.send(datagram)
-        except OSError as exc:
-            failure = exc
-        else:
-            return True
-    if failure.errno == errno.EMSGSIZE:
-        counters.dropped_too_large += 1
-        log.info("Dropped a %d-byte frame from TCP: too large for UDP", len(datagram))
-    elif failure.errno in _TRANSIENT_SEND_ERRORS:
-        counters.dropped_unsent += 1
-        log.debug("Dropped a %d-byte frame from TCP: %s", len(datagram), failure.strerror)
-    else:
-        raise TunnelError(f"cannot send UDP datagram: {failure.strerror}") from failure
-    return False
 
 
 async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counters) -> None:
