@@ -123,6 +123,9 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
         original = rate(results, name, "original")
         if subject == "ours" and original:
             parts.append(f"{total['delivered_per_s'] / original:.1f}x original")
+        if "rounds" in case:
+            each = "/".join(f"{r['delivered_per_s'] / 1000:.0f}k" for r in case["rounds"])
+            parts.append(f"median of {each}")
     if kind == "overload":
         size = entry["flows"][0]["size"]
         capacity = rate(results, CAPACITY_FOR.get(size, ""), subject)
@@ -251,7 +254,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
         if not case or not original:
             out.append(target(name, "SKIP", "needs ours and original"))
             continue
-        mine, lost = case["total"]["delivered_per_s"], case["total"]["lost"]
+        mine = case["total"]["delivered_per_s"]
+        lost = sum(r["lost"] for r in case.get("rounds", [case["total"]]))  # in any round
         kernel = rate(results, f"capacity-{size}", "kernel")
         of_kernel = f", {100 * mine / kernel:.0f}% of kernel" if kernel else ""
         out.append(
