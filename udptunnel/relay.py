@@ -105,7 +105,8 @@ async def tcp_to_udp(
     decoder = Decoder()
     backlog = Backlog(stream)
     sender = UdpSender(udp.send, counters)
-    while data := await _receive(stream):
+    receive = partial(_receive_raw, _fd_of(stream)) if _fd_of(stream) >= 0 else None
+    while data := await (receive() if receive else _receive(stream)):
         started = time.monotonic()
         frames = decoder.feed(data)
         # Only a full read is a sign of backlog: a short one emptied the kernel's queue.
@@ -238,6 +239,31 @@ def kernel_drops(sock: socket.socket) -> int:
     except OSError:
         return 0
     return int(_MEMINFO.unpack(meminfo)[8])
+
+
+def _fd_of(stream: trio.abc.Stream) -> int:
+    """The socket's descriptor, for a SocketStream; -1 for any other stream."""
+    sock = getattr(stream, "socket", None)
+    return sock.fileno() if sock is not None else -1
+
+
+async def _receive_raw(fd: int) -> bytes:
+    """Read from a TCP socket straight, as ``receive_some`` would, but with one pass
+    through the scheduler per read instead of two: a read that follows a wait for data
+    needs no extra checkpoint, the wait was one."""
+    waited = False
+    while True:
+        try:
+            data = os.read(fd, TCP_RECEIVE_SIZE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
+            continue
+        except OSError as exc:
+            raise TunnelError(f"TCP connection lost while receiving: {exc.strerror}") from exc
+        if not waited:  # data was there at once: let the other direction, and cancellation, in
+            await trio.lowlevel.checkpoint()
+        return data
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:
