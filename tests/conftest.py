@@ -37,7 +37,7 @@ def missing(item: pytest.Item) -> str | None:
         return f"needs Debian's udptunnel at {ORIGINAL} (apt-get install udptunnel)"
     for marker in item.iter_markers("needs"):
         if absent := [tool for tool in marker.args if shutil.which(tool) is None]:
-            return f"needs {', '.join(absent)} (Debian packages man-db, groff-base)"
+            return f"needs {', '.join(absent)} (.ci/run installs the Debian packages)"
     return None
 
 

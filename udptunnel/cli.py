@@ -10,17 +10,24 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
 
 from . import __version__
-from .config import DEFAULT_MAX_DELAY, Config, build_config
+from .config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_DELAY,
+    DEFAULT_RECONNECT_MAX,
+    Config,
+    build_config,
+)
 from .counters import Counters
-from .errors import ConfigError, TunnelError
-from .tunnel import run_tunnel
+from .errors import ConfigError, TunnelError, messages
+from .systemd import NOTICE, JournalFormatter, Notifier, priority, writes_to_journal
+from .tunnel import Ready, run_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,9 @@ PROG = "udptunnel"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # what getopt-style tools, and the original, exit with on a bad command line
-_LEVELS = {0: logging.WARNING, 1: logging.INFO}  # -v: connections; -vv and more: each packet
+_LEVELS = {0: NOTICE, 1: logging.INFO}  # -v: connections; -vv and more: each packet
+ENV = "UDPTUNNEL_"  # every option can also come from UDPTUNNEL_<NAME>, for systemd units
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _OneLineErrors(click.Command):
@@ -53,6 +62,22 @@ class _BadConfig(click.ClickException):
     exit_code = EXIT_USAGE
 
 
+def _option(*names: str, env: str, **attributes: Any) -> Callable[[F], F]:
+    """A Click option that can also come from the variable UDPTUNNEL_<env>, shown in --help."""
+    return click.option(*names, envvar=ENV + env, show_envvar=True, **attributes)
+
+
+def _seconds(
+    name: str, kind: click.ParamType[Any], default: float | None, text: str
+) -> Callable[[F], F]:
+    """An option of seconds, named after its long form (UDPTUNNEL_IDLE_TIMEOUT, ...)."""
+    env = name.removeprefix("--").replace("-", "_").upper()
+    shown = default is not None
+    return _option(
+        name, env=env, type=kind, default=default, show_default=shown, metavar="SECONDS", help=text
+    )
+
+
 @click.command(
     cls=_OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -61,39 +86,44 @@ class _BadConfig(click.ClickException):
     "signal stopped it, 1 when something failed, 2 for a bad command line. "
     "See udptunnel(1).",
 )
-@click.option(
+@_option(
     "-s",
     "--server",
     "servers",
+    env="SERVER",
     multiple=True,
     metavar="[TCP-ADDR/]TCP-PORT",
     help="Server mode: wait for the TCP connection on this port (on every address, or on "
     "TCP-ADDR), then relay.",
 )
-@click.option(
+@_option(
     "-c",
     "--client",
     "clients",
+    env="CLIENT",
     multiple=True,
     metavar="TCP-ADDR[/TCP-PORT]",
     help="Client mode: connect to this TCP address, then relay. The port defaults to UDP-PORT.",
 )
-@click.option(
+@_option(
     "-r",
     "--rtp",
+    env="RTP",
     is_flag=True,
     help="RTP mode: relay ports N and N+1 (RTP and RTCP), UDP and TCP. Ports must be even; "
     "use it on both ends.",
 )
-@click.option(
+@_option(
     "--udp-bind",
+    env="UDP_BIND",
     metavar="ADDR[/PORT]",
     help="Receive datagrams for the tunnel on this address and port, instead of every "
     "address and UDP-PORT. Lets both ends and the applications share one host.",
 )
-@click.option(
+@_option(
     "--max-delay",
     "max_delay_ms",
+    env="MAX_DELAY",
     type=click.IntRange(1, 60_000),
     default=round(DEFAULT_MAX_DELAY * 1000),
     show_default=True,
@@ -101,14 +131,48 @@ class _BadConfig(click.ClickException):
     help="Drop a datagram from the tunnel that waited in this end longer than MS "
     "milliseconds, rather than deliver it late.",
 )
-@click.option(
+@_option(
     "-v",
     "--verbose",
+    env="VERBOSE",
     count=True,
     help="Report connections on standard error; twice, every datagram too.",
 )
+@_option(
+    "--persist",
+    is_flag=True,
+    env="PERSIST",
+    help="When a tunnel ends, make a new one instead of exiting: a server takes the next "
+    "client, a client reconnects after a growing wait. Datagrams while no tunnel is up are "
+    "dropped and counted.",
+)
+@_seconds(
+    "--reconnect-max",
+    click.FloatRange(0.5, 3600),
+    DEFAULT_RECONNECT_MAX,
+    "With --persist: the longest wait between two attempts to connect (from 0.5 s, doubling).",
+)
+@_seconds(
+    "--keepalive",
+    click.IntRange(1, 86_400),
+    None,
+    "Probe a silent peer after SECONDS, and end the tunnel if it has vanished, within about "
+    "twice SECONDS.",
+)
+@_seconds(
+    "--idle-timeout",
+    click.FloatRange(0.1, 86_400 * 365),
+    None,
+    "End a tunnel that carried no datagram either way for SECONDS.",
+)
+@_seconds(
+    "--connect-timeout",
+    click.FloatRange(0.1, 3600),
+    DEFAULT_CONNECT_TIMEOUT,
+    "Give up a connection attempt that gets no answer in SECONDS.",
+)
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
-@click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]")
+@click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]", envvar=ENV + "UDP")
 def command(
     servers: Sequence[str],
     clients: Sequence[str],
@@ -116,6 +180,11 @@ def command(
     udp_bind: str | None,
     max_delay_ms: int,
     verbose: int,
+    persist: bool,
+    reconnect_max: float,
+    keepalive: int | None,
+    idle_timeout: float | None,
+    connect_timeout: float,
     udp: str,
 ) -> int:
     """Tunnel UDP datagrams both ways over one TCP connection.
@@ -123,6 +192,9 @@ def command(
     Datagrams arriving on UDP-PORT go into the tunnel; datagrams coming out of it are sent to
     UDP-ADDR/UDP-PORT (with TTL, default 1, if UDP-ADDR is a multicast group). Addresses are
     host names, IPv4 or IPv6: 127.0.0.1/5000, 127.0.0.1:5000, ::1/5000, [::1]:5000.
+
+    Every option can also be set in the environment variable shown with it, and the
+    UDP-ADDR/UDP-PORT in UDPTUNNEL_UDP; the command line wins. SIGUSR1 logs the counters.
     """
     if len(servers) + len(clients) > 1:
         raise _BadConfig("Only one of -s and -c may be specified.")
@@ -134,6 +206,11 @@ def command(
             udp_bind=udp_bind,
             rtp=rtp,
             max_delay_ms=max_delay_ms,
+            persist=persist,
+            reconnect_max=reconnect_max,
+            keepalive=keepalive,
+            idle_timeout=idle_timeout,
+            connect_timeout=connect_timeout,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc
@@ -145,26 +222,47 @@ def run(config: Config) -> int:
     """Run the tunnel end; return its exit status after reporting any error in one line."""
     counters = Counters()
     status = EXIT_OK
+    notifier = Notifier()
     try:
-        trio.run(_run, config, counters)
+        trio.run(_run, config, counters, notifier)
     except* ConfigError as group:
         _report(group)
         status = EXIT_USAGE
     except* (TunnelError, OSError) as group:
         _report(group)
         status = status or EXIT_FAILURE
+    finally:
+        notifier.notify(STOPPING=1, STATUS=f"stopped; {counters.status()}")
+        notifier.close()
     return status
 
 
-async def _run(config: Config, counters: Counters) -> None:
+async def _run(config: Config, counters: Counters, notifier: Notifier) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, nursery.cancel_scope)
-        await run_tunnel(config, counters)
-        nursery.cancel_scope.cancel(reason="the tunnel ended")
+        await nursery.start(_stop_on_signal, nursery.cancel_scope, notifier)
+        await nursery.start(_report_on_signal, counters)
+        await nursery.start(_run_then_stop, config, counters, nursery.cancel_scope)
+        notifier.notify(READY=1, STATUS=counters.status())
+        nursery.start_soon(notifier.run, counters.status)
+
+
+async def _run_then_stop(
+    config: Config,
+    counters: Counters,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Ready] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the tunnel end, reporting started when it is ready; its end ends everything."""
+    await run_tunnel(config, counters, task_status=task_status)
+    scope.cancel(reason="the tunnel ended")
 
 
 async def _stop_on_signal(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    scope: trio.CancelScope,
+    notifier: Notifier,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """SIGINT, SIGTERM or SIGHUP ends the tunnel cleanly: sockets closed, exit 0."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -172,27 +270,34 @@ async def _stop_on_signal(
         async for signum in signals:
             name = signal.Signals(signum).name
             log.info("%s received, closing the tunnel", name)
+            notifier.notify(STOPPING=1, STATUS=f"{name} received, closing the tunnel")
             scope.cancel(reason=f"{name} received")
             return
 
 
+async def _report_on_signal(
+    counters: Counters, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGUSR1 logs the counters, at a level shown without -v; the traffic goes on."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        task_status.started()
+        async for _ in signals:
+            state = counters.state
+            log.log(NOTICE, "%s. %s", state[:1].upper() + state[1:], counters.report())
+
+
 def _report(group: BaseExceptionGroup[Any]) -> None:
-    for message in _messages(group):
-        click.echo(f"{PROG}: {message}", err=True)
-
-
-def _messages(group: BaseExceptionGroup[Any]) -> Iterator[str]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _messages(exc)
-        else:
-            yield str(exc)
+    prefix = f"<{priority(logging.ERROR)}>" if writes_to_journal() else ""
+    for message in messages(group):
+        click.echo(f"{prefix}{PROG}: {message}", err=True)
 
 
 def _configure_logging(verbosity: int) -> None:
-    """Bare messages on standard error, as the original printed them."""
+    """Bare messages on standard error, as the original printed them; into the journal,
+    each with its priority."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    journal = writes_to_journal()
+    handler.setFormatter((JournalFormatter if journal else logging.Formatter)("%(message)s"))
     package = logging.getLogger(__package__)
     package.handlers[:] = [handler]
     package.setLevel(_LEVELS.get(verbosity, logging.DEBUG))

@@ -21,6 +21,8 @@ DEFAULT_TTL = 1  # as the original: multicast stays on the local network unless 
 RTP_PAIR = 2  # RTP mode relays an even port and the odd port above it (RTP and RTCP)
 DEFAULT_MAX_DELAY = 0.01  # seconds a datagram may wait in a tunnel end: a media jitter budget
 MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a client waits for the server to answer
+DEFAULT_RECONNECT_MAX = 30.0  # seconds: the longest wait between two attempts (--persist)
 
 _DECIMAL = re.compile(r"[0-9]+")  # no sign, no hex, no trailing garbage (defect 11)
 _SEPARATORS = re.compile(r"[/:]")
@@ -72,6 +74,11 @@ class Config:
     ttl: int = DEFAULT_TTL
     rtp: bool = False
     max_delay: float = DEFAULT_MAX_DELAY
+    persist: bool = False  # re-establish a tunnel that ends, instead of exiting
+    reconnect_max: float = DEFAULT_RECONNECT_MAX
+    keepalive: int | None = None  # seconds idle before TCP keepalive probes; None: off
+    idle_timeout: float | None = None  # seconds without a datagram that end a tunnel
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -206,6 +213,11 @@ def build_config(
     udp_bind: str | None = None,
     rtp: bool = False,
     max_delay_ms: int = round(DEFAULT_MAX_DELAY * 1000),
+    persist: bool = False,
+    reconnect_max: float = DEFAULT_RECONNECT_MAX,
+    keepalive: int | None = None,
+    idle_timeout: float | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
 
@@ -216,6 +228,7 @@ def build_config(
         udp_bind: the ``--udp-bind`` value, ``ADDR[/PORT]``.
         rtp: RTP mode, two consecutive even/odd port pairs.
         max_delay_ms: how long a datagram may wait in this tunnel end before it is dropped.
+        persist, reconnect_max, keepalive, idle_timeout, connect_timeout: as in Config.
 
     Raises:
         ConfigError: with the original's wording where it had one.
@@ -240,6 +253,11 @@ def build_config(
         ttl=ttl,
         rtp=rtp,
         max_delay=max_delay_ms / 1000,
+        persist=persist,
+        reconnect_max=reconnect_max,
+        keepalive=keepalive,
+        idle_timeout=idle_timeout,
+        connect_timeout=connect_timeout,
     )
     if not 1 <= max_delay_ms <= MAX_MAX_DELAY * 1000:
         raise ConfigError(f"{max_delay_ms}: invalid maximum delay (expected 1-60000 ms)")

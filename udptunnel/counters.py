@@ -1,4 +1,5 @@
-"""What a tunnel end has carried and dropped, for the summary line and later for status."""
+"""What a tunnel end has carried and dropped, and what it is doing: for the summary line,
+SIGUSR1 and the service manager's status line."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ class Counters:
     dropped_late: int = 0  # out of the tunnel: waited here longer than the maximum delay
     dropped_too_large: int = 0  # frames too long for one UDP datagram on this path
     dropped_unsent: int = 0  # UDP sends refused or unroutable at that moment
+    dropped_no_tunnel: int = 0  # into the tunnel while none was up (--persist)
+    tunnels: int = 0  # tunnels established since the start
+    reconnects: int = 0  # a client's attempts to connect after the first
+    state: str = "starting"  # what the tunnel end is doing, in a few words
     # Into the tunnel, the kernel drops when a receive queue is full and counts per socket:
     # those counts are read when wanted (live sockets) or were kept when a socket closed.
     _overflow_live: list[Callable[[], int]] = field(default_factory=list, repr=False)
@@ -50,7 +55,13 @@ class Counters:
             + self.dropped_late
             + self.dropped_too_large
             + self.dropped_unsent
+            + self.dropped_no_tunnel
         )
+
+    @property
+    def traffic(self) -> int:
+        """Datagrams carried either way: it changes while the tunnel is in use."""
+        return self.udp_to_tcp_datagrams + self.tcp_to_udp_datagrams
 
     def summary(self) -> str:
         """One line for the log: traffic each way and drops by cause."""
@@ -59,5 +70,19 @@ class Counters:
             f"TCP to UDP: {self.tcp_to_udp_datagrams} datagrams, {self.tcp_to_udp_bytes} bytes; "
             f"dropped: {self.dropped} ({self.dropped_own} own, {self.dropped_overflow} queue "
             f"full, {self.dropped_late} late, {self.dropped_too_large} too large, "
-            f"{self.dropped_unsent} unsent)"
+            f"{self.dropped_unsent} unsent{self._no_tunnel()})"
+        )
+
+    def _no_tunnel(self) -> str:
+        return f", {self.dropped_no_tunnel} no tunnel" if self.dropped_no_tunnel else ""
+
+    def report(self) -> str:
+        """The summary with what only a long-running end has: tunnels and reconnections."""
+        return f"{self.summary()}; tunnels: {self.tunnels}, reconnects: {self.reconnects}"
+
+    def status(self) -> str:
+        """A short line for the service manager: the state and the totals."""
+        return (
+            f"{self.state}; {self.udp_to_tcp_datagrams} datagrams to TCP, "
+            f"{self.tcp_to_udp_datagrams} from TCP, {self.dropped} dropped"
         )

@@ -4,6 +4,11 @@ Anything raised as one of these carries a message fit to print as one line; ``cl
 the printing and picks the exit status. Everything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
 
 class ConfigError(ValueError):
     """The command line or the names in it are wrong: exit status 2."""
@@ -11,3 +16,12 @@ class ConfigError(ValueError):
 
 class TunnelError(Exception):
     """The tunnel could not be set up or failed while running: exit status 1."""
+
+
+def messages(group: BaseExceptionGroup[Any]) -> Iterator[str]:
+    """The message of every error in ``group``, however deeply nested."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from messages(exc)
+        else:
+            yield str(exc)

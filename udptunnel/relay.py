@@ -35,7 +35,7 @@ from functools import partial
 import trio
 
 from .counters import Counters
-from .egress import UdpSender
+from .egress import YIELD_EVERY, UdpSender
 from .errors import TunnelError
 from .framing import HEADER, MAX_DATAGRAM, Decoder
 
@@ -228,6 +228,24 @@ async def _send_tcp(stream: trio.abc.Stream, fd: int, data: memoryview) -> None:
             await stream.send_all(data[sent:])
         except trio.BrokenResourceError as exc:
             raise TunnelError(f"TCP connection lost while sending: {_reason(exc)}") from exc
+
+
+async def discard(udp: UdpSockets, counters: Counters) -> None:
+    """While no tunnel is up: take every datagram that arrives and count it as dropped, so
+    that none waits to be delivered late. Runs until cancelled."""
+    sock, scrap = udp.receive, bytearray(1)  # the rest of each datagram is cut off
+    while True:
+        try:
+            sock.recv_into(scrap, 1)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError:  # an error queued for the socket (ICMP): nothing to count
+            await trio.lowlevel.checkpoint()
+            continue
+        counters.dropped_no_tunnel += 1
+        if not counters.dropped_no_tunnel % YIELD_EVERY:
+            await trio.lowlevel.checkpoint()
 
 
 def kernel_drops(sock: socket.socket) -> int:

@@ -19,9 +19,11 @@ from typing import Any
 
 import trio
 
+from .config import RTP_PAIR as RTP_RELAYS
 from .config import Address
 from .errors import ConfigError, TunnelError
 from .relay import TCP_RECEIVE_SIZE, UdpSockets
+from .systemd import ListenSocket
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ Resolved = tuple[int, SockAddr]  # (address family, socket address)
 WILDCARD: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 UNSENT_LIMIT = 64 * 1024  # bytes the kernel may hold unsent: enough to keep the link busy
 CLOSE_GRACE = 2.0  # seconds a closing connection waits for the peer's end before giving up
+KEEPALIVE_PROBES = 3  # unanswered probes that end a connection: detection in about 2x idle
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _MAPPED_PREFIX = "::ffff:"  # how a dual-stack IPv6 socket sees an IPv4 source
 
@@ -85,7 +88,7 @@ def open_udp(
             _set_multicast_sending(send, family, ttl)
         send.connect(target)
     except OSError as exc:
-        raise TunnelError(f"cannot send UDP to {_show(target)}: {strerror(exc)}") from exc
+        raise TunnelError(f"cannot send UDP to {show(target)}: {strerror(exc)}") from exc
 
     bind_family, local = bind
     receive = stack.enter_context(socket.socket(bind_family, socket.SOCK_DGRAM))
@@ -96,7 +99,7 @@ def open_udp(
         hint = ""
         if exc.errno == errno.EADDRINUSE and not bind_was_given:
             hint = " (--udp-bind chooses another address or port)"  # an app shares the host
-        raise TunnelError(f"cannot receive UDP on {_show(local)}: {strerror(exc)}{hint}") from exc
+        raise TunnelError(f"cannot receive UDP on {show(local)}: {strerror(exc)}{hint}") from exc
     if is_multicast(target) and bind_family == family and local[0] in (target[0], WILDCARD[family]):
         try:
             _join(receive, family, target)
@@ -170,6 +173,38 @@ async def listen(
     return listeners
 
 
+def activated_listeners(
+    stack: contextlib.AsyncExitStack, activated: list[ListenSocket], relays: int
+) -> list[list[trio.SocketListener]]:
+    """Each relay's listeners from the sockets systemd passed: all of them for one relay; in
+    RTP mode, those named "rtp" and "rtcp" (FileDescriptorName=), or two unnamed in order.
+
+    Raises:
+        TunnelError: if the sockets cannot be shared out that way.
+    """
+    for item in activated:
+        stack.callback(item.sock.close)
+    if relays == 1:
+        chosen = [activated]
+    elif {item.name for item in activated} >= {"rtp", "rtcp"}:
+        chosen = [[item for item in activated if item.name == name] for name in ("rtp", "rtcp")]
+    elif len(activated) == RTP_RELAYS:
+        chosen = [[activated[0]], [activated[1]]]
+    else:
+        raise TunnelError(
+            "RTP mode takes two sockets from systemd, named rtp and rtcp (FileDescriptorName=)"
+        )
+    for items in chosen:
+        for item in items:
+            log.info(
+                "Listening for TCP connections on %s (from systemd)", show(item.sock.getsockname())
+            )
+    return [
+        [trio.SocketListener(trio.socket.from_stdlib_socket(item.sock)) for item in items]
+        for items in chosen
+    ]
+
+
 async def connect(
     connections: Connections, addresses: list[Resolved], label: Address
 ) -> tuple[trio.SocketStream, SockAddr]:
@@ -193,26 +228,43 @@ async def connect(
         except BaseException:
             sock.close()
             raise
-        log.info("Connected TCP to %s", _show(address))
         return connections.adopt(trio.SocketStream(sock)), address
     reason = strerror(failure) if failure else "no address"
     raise TunnelError(f"cannot connect to TCP {label}: {reason}") from failure
 
 
 class Connections:
-    """The tunnel's TCP connections, tuned when adopted and closed together, in order.
+    """One tunnel's TCP connections, tuned when adopted and closed together, in order.
 
     Trio already turns Nagle off (TCP_NODELAY). TCP_NOTSENT_LOWAT keeps the data that the
     kernel holds unsent short, so that when the network is slower than the datagrams come,
     the relay stops reading UDP (and the kernel drops there) instead of queueing seconds.
+
+    With ``keepalive`` seconds, a peer that vanishes without a word ends the connection in
+    about twice that: probes after ``keepalive`` idle seconds, three more in the same time,
+    and TCP_USER_TIMEOUT for data that stays unacknowledged as long.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keepalive: int | None = None) -> None:
         self._streams: list[trio.SocketStream] = []
+        self._keepalive = keepalive
+
+    async def __aenter__(self) -> Connections:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def adopt(self, stream: trio.SocketStream) -> trio.SocketStream:
         self._streams.append(stream)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
+        if idle := self._keepalive:
+            interval = max(1, -(-idle // KEEPALIVE_PROBES))  # rounded up, at least 1 s
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2 * idle * 1000)
         return stream
 
     async def aclose(self) -> None:
@@ -246,12 +298,12 @@ def refuse(stream: trio.SocketStream) -> None:
 def peer(stream: trio.SocketStream) -> str:
     """The peer as ``host/port``; ``?`` if it is already gone."""
     try:
-        return _show(stream.socket.getpeername())
+        return show(stream.socket.getpeername())
     except OSError:
         return "?"
 
 
-def _show(sockaddr: SockAddr) -> str:
+def show(sockaddr: SockAddr) -> str:
     return f"{sockaddr[0]}/{sockaddr[1]}"
 
 

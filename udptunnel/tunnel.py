@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,12 +18,15 @@ import trio
 
 from .config import Config, Mode, Relay
 from .counters import Counters
-from .relay import UdpSockets, kernel_drops, run_relay, run_then
+from .errors import TunnelError, messages
+from .persist import STEADY_AFTER, Backoff, end_when_idle
+from .relay import UdpSockets, discard, kernel_drops, run_relay, run_then
 from .sockets import (
     WILDCARD,
     Connections,
     Resolved,
     SockAddr,
+    activated_listeners,
     connect,
     is_multicast,
     listen,
@@ -30,7 +34,9 @@ from .sockets import (
     peer,
     refuse,
     resolve,
+    show,
 )
+from .systemd import take_listen_sockets
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +72,18 @@ async def run_tunnel(
     *,
     task_status: trio.TaskStatus[Ready] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one tunnel end until its TCP peer closes.
+    """Run one tunnel end until its TCP peer closes or, with ``config.persist``, until
+    cancelled.
 
-    Reports ``Ready`` once a server listens or a client is connected. Owns every socket it
-    opens, and closes them all when it returns or is cancelled.
+    Reports ``Ready`` once a server listens or a client is connected (with ``persist``, once
+    a client's UDP sockets are bound: it connects and reconnects on its own). Owns every
+    socket it opens, and closes them all when it returns or is cancelled. The UDP sockets
+    and a server's listeners stay open from one tunnel to the next.
 
     Raises:
         ConfigError: a host name does not resolve.
         TunnelError: a socket cannot be set up (address in use, connection refused, ...), or
-            the TCP connection breaks.
+            the TCP connection breaks; with ``persist``, only the first kind.
     """
     plans = [await _resolve(relay, config.mode) for relay in config.relays]
     with contextlib.ExitStack() as udp_stack:
@@ -91,18 +100,155 @@ async def run_tunnel(
         for udp in udps:  # closed by udp_stack later: count its drops until then
             udp_stack.callback(counters.watch_overflow(partial(kernel_drops, udp.receive)))
         udp_addresses = [udp.receive.getsockname() for udp in udps]
-        async with contextlib.AsyncExitStack() as stack:
-            connections = Connections()
-            stack.push_async_callback(connections.aclose)
-            if config.mode is Mode.SERVER:
-                await _serve(
-                    stack, connections, config, plans, udps, counters, udp_addresses, task_status
-                )
+        tunnel = _Tunnel(config, counters, udps)
+        if config.mode is Mode.SERVER:
+            async with contextlib.AsyncExitStack() as stack:
+                listener_sets = await _listen_all(stack, plans)
+                addresses = [[lst.socket.getsockname() for lst in ls] for ls in listener_sets]
+                task_status.started(Ready(addresses, udp_addresses))
+                await tunnel.serve(listener_sets)
+        elif config.persist:
+            task_status.started(Ready([[] for _ in plans], udp_addresses))
+            await tunnel.keep_connected(plans)
+        else:
+            async with Connections(config.keepalive) as connections:
+                connected = [await tunnel.connect(connections, plan) for plan in plans]
+                _log_connected(connected)
+                task_status.started(Ready([[address] for _, address in connected], udp_addresses))
+                await tunnel.carry([stream for stream, _ in connected])
+
+
+class _Tunnel:
+    """Establishes tunnels over one set of UDP sockets, and carries datagrams through them:
+    once, or again and again with ``config.persist``."""
+
+    def __init__(self, config: Config, counters: Counters, udps: list[UdpSockets]) -> None:
+        self.config = config
+        self.counters = counters
+        self.udps = udps
+
+    async def serve(self, listener_sets: list[list[trio.SocketListener]]) -> None:
+        """Take one connection per relay, refuse the rest while the tunnel runs; with
+        ``persist``, then go back to accepting."""
+        while True:
+            self.counters.state = "waiting for a client"
+            async with (
+                Connections(self.config.keepalive) as connections,
+                trio.open_nursery() as refusers,
+            ):
+                async with self._discarding():
+                    streams = []
+                    for listeners in listener_sets:
+                        streams.append(await _accept_first(connections, listeners))
+                        for listener in listeners:
+                            refusers.start_soon(_refuse_all, listener)
+                for stream in streams:  # now: the datagrams from here on are carried
+                    log.info("TCP connection from %s", peer(stream))
+                await self.carry(streams)
+                refusers.cancel_scope.cancel(reason="the tunnel ended")
+            if not self.config.persist:
                 return
-            connected = [await connect(connections, plan.tcp, plan.relay.tcp) for plan in plans]
-            task_status.started(Ready([[address] for _, address in connected], udp_addresses))
-            streams = [stream for stream, _ in connected]
-            await _run_relays(streams, udps, counters, config.max_delay)
+
+    async def keep_connected(self, plans: list[_Plan]) -> None:
+        """Connect, carry, and when the tunnel ends or cannot be made, connect again after
+        a growing wait; until cancelled."""
+        backoff = Backoff(self.config.reconnect_max)
+        woken = False  # by a datagram after an idle end: it waits in the kernel meanwhile
+        while True:
+            ended = "lost"
+            async with Connections(self.config.keepalive) as connections:
+                try:
+                    async with self._discarding(unless=woken):
+                        connected = [await self.connect(connections, plan) for plan in plans]
+                except* TunnelError as group:
+                    for message in messages(group):
+                        log.warning("%s", message)
+                else:
+                    _log_connected(connected)  # now: the datagrams from here on are carried
+                    up_since = trio.current_time()
+                    ended = await self.carry([stream for stream, _ in connected])
+                    if trio.current_time() - up_since >= STEADY_AFTER:
+                        backoff.reset()
+            woken = ended == "idle"
+            if woken:  # nothing to carry: connect again when something comes
+                self.counters.state = "idle, waiting for a datagram"
+                await _wait_for_datagram(self.udps)
+                backoff.reset()
+                continue
+            wait = backoff.next()
+            self.counters.state = f"reconnecting in {wait:.1f} s"
+            log.info("Reconnecting in %.1f s (attempt %d)", wait, backoff.attempt + 1)
+            async with self._discarding():
+                await trio.sleep(wait)
+            self.counters.reconnects += 1
+
+    async def connect(
+        self, connections: Connections, plan: _Plan
+    ) -> tuple[trio.SocketStream, SockAddr]:
+        """Connect one relay's TCP connection, within the connect timeout."""
+        self.counters.state = f"connecting to {plan.relay.tcp}"
+        timeout = self.config.connect_timeout
+        with trio.move_on_after(timeout):
+            return await connect(connections, plan.tcp, plan.relay.tcp)
+        raise TunnelError(f"cannot connect to TCP {plan.relay.tcp}: no answer in {timeout:g} s")
+
+    async def carry(self, streams: list[trio.SocketStream]) -> str:
+        """Run the relays over ``streams`` until the tunnel ends.
+
+        Returns:
+            Why it ended: "closed" by a peer, "idle" past the idle timeout, or "lost"
+            (broken; only with ``persist``, which logs it instead of raising).
+        """
+        self.counters.tunnels += 1
+        self.counters.state = "tunnel up with " + ", ".join(peer(stream) for stream in streams)
+        ended = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def end_idle() -> None:
+                    nonlocal ended
+                    ended = "idle"
+                    nursery.cancel_scope.cancel(reason="no datagram for the idle timeout")
+
+                if idle := self.config.idle_timeout:
+                    watch = partial(end_when_idle, lambda: self.counters.traffic, idle, end_idle)
+                    nursery.start_soon(watch)
+                await _run_relays(streams, self.udps, self.counters, self.config.max_delay)
+                nursery.cancel_scope.cancel(reason="the tunnel ended")
+        except* TunnelError as group:
+            if not self.config.persist:
+                raise
+            for message in messages(group):
+                log.warning("Tunnel lost: %s", message)
+            ended = "lost"
+        return ended
+
+    @contextlib.asynccontextmanager
+    async def _discarding(self, *, unless: bool = False) -> AsyncIterator[None]:
+        """With ``persist``: while no tunnel is up, datagrams are dropped and counted rather
+        than left to wait. Without, as the original (or ``unless``): they wait in the
+        kernel's short queue."""
+        if unless or not self.config.persist:
+            yield
+            return
+        async with trio.open_nursery() as nursery:
+            for udp in self.udps:
+                nursery.start_soon(discard, udp, self.counters)
+            yield
+            nursery.cancel_scope.cancel(reason="a tunnel is up")
+
+
+def _log_connected(connected: list[tuple[trio.SocketStream, SockAddr]]) -> None:
+    for _, address in connected:
+        log.info("Connected TCP to %s", show(address))
+
+
+async def _wait_for_datagram(udps: list[UdpSockets]) -> None:
+    """Return when a datagram waits on any of the UDP sockets, leaving it there."""
+    async with trio.open_nursery() as nursery:
+        for udp in udps:
+            waiter = partial(trio.lowlevel.wait_readable, udp.receive)
+            nursery.start_soon(run_then, nursery.cancel_scope.cancel, waiter)
 
 
 async def _resolve(relay: Relay, mode: Mode) -> _Plan:
@@ -117,17 +263,13 @@ async def _resolve(relay: Relay, mode: Mode) -> _Plan:
     return _Plan(relay, tcp, udp, udp_bind)
 
 
-async def _serve(
-    stack: contextlib.AsyncExitStack,
-    connections: Connections,
-    config: Config,
-    plans: list[_Plan],
-    udps: list[UdpSockets],
-    counters: Counters,
-    udp_addresses: list[SockAddr],
-    task_status: trio.TaskStatus[Ready],
-) -> None:
-    """Listen, take one connection per relay, refuse the rest, and run the relays."""
+async def _listen_all(
+    stack: contextlib.AsyncExitStack, plans: list[_Plan]
+) -> list[list[trio.SocketListener]]:
+    """Each relay's listeners: the sockets systemd passed, if it did, or new ones."""
+    activated = take_listen_sockets()
+    if activated:
+        return activated_listeners(stack, activated, len(plans))
     listener_sets = []
     for plan in plans:
         listeners = await listen(stack, plan.tcp, plan.relay.tcp)
@@ -137,18 +279,7 @@ async def _serve(
             log.info("Listening for TCP connections on port %d", port)
         else:
             log.info("Listening for TCP connections on port %d of %s", port, plan.relay.tcp.host)
-    task_status.started(
-        Ready([[lst.socket.getsockname() for lst in ls] for ls in listener_sets], udp_addresses)
-    )
-    async with trio.open_nursery() as nursery:
-        streams = []
-        for listeners in listener_sets:
-            streams.append(await _accept_first(connections, listeners))
-            log.info("TCP connection from %s", peer(streams[-1]))
-            for listener in listeners:
-                nursery.start_soon(_refuse_all, listener)
-        await _run_relays(streams, udps, counters, config.max_delay)
-        nursery.cancel_scope.cancel(reason="the tunnel ended")
+    return listener_sets
 
 
 async def _accept_first(
