@@ -11,12 +11,15 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+UNITS := udptunnel@.service udptunnel@.socket
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: all venv demo test lint check bench install uninstall clean
+.PHONY: all venv demo test lint check bench install install-units uninstall clean
 
 all: venv
 
@@ -51,12 +54,21 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(VPY) contrib/bench/run.py $(BENCH_ARGS)
 
-install:
+# The package with its man page, and the systemd units with the program's path filled in.
+install: install-units
 	$(PYTHON) -m pip install --disable-pip-version-check \
 		--root '$(DESTDIR)/' --prefix '$(PREFIX)' .
 
+install-units:
+	install -d '$(DESTDIR)$(UNITDIR)'
+	for unit in $(UNITS); do \
+		sed 's|@BINDIR@|$(BINDIR)|g' contrib/systemd/$$unit > '$(DESTDIR)$(UNITDIR)'/$$unit \
+		&& chmod 644 '$(DESTDIR)$(UNITDIR)'/$$unit || exit 1; \
+	done
+
 uninstall:
 	$(PYTHON) -m pip uninstall --yes udptunnel
+	for unit in $(UNITS); do rm -f '$(DESTDIR)$(UNITDIR)'/$$unit; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
