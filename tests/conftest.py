@@ -71,11 +71,13 @@ class Process:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        """Wait until a line of standard error matches ``pattern`` (a regular expression)."""
+    def wait_for(self, pattern: str, timeout: float = WAIT, *, nth: int = 1) -> re.Match[str]:
+        """Wait until the ``nth`` line of standard error that matches ``pattern`` (a regular
+        expression) has come; return its match."""
         regex = re.compile(pattern)
+        seen = 0
         for line in self.lines:
-            if match := regex.search(line):
+            if (match := regex.search(line)) and (seen := seen + 1) == nth:
                 return match
         while True:
             try:
@@ -89,7 +91,7 @@ class Process:
                     f"exited ({self.proc.wait()}) before {pattern!r}: {self.lines}"
                 )
             self.lines.append(line)
-            if match := regex.search(line):
+            if (match := regex.search(line)) and (seen := seen + 1) == nth:
                 return match
 
     def wait(self, timeout: float = WAIT) -> int:

@@ -51,6 +51,13 @@ def assert_one_line(stderr: str, message: str) -> None:
 
 BAD_INPUT = [
     # (arguments, text the single line must contain)
+    (["--flows", "-r", "-s", "6000", "h/5000"], "Flow mode (--flows) and RTP mode (-r) cannot"),
+    (["--reuse-port", "-s", "6000", "h/5000"], "--reuse-port needs a flow-mode server"),
+    (["--flows", "--reuse-port", "-c", "h", "h/5000"], "--reuse-port needs a flow-mode server"),
+    (["--allow-from", "host.example", "-s", "6000", "h/5000"], "not an IP address or network"),
+    (["--allow-from", "10.0.0.1/8/53", "-s", "6000", "h/5000"], "has host bits set"),
+    (["--allow-from", "10.0.0.0/8/0x35", "-s", "6000", "h/5000"], "'0x35': invalid port"),
+    (["--max-flows", "0", "--flows", "-s", "6000", "h/5000"], "--max-flows"),
     (["127.0.0.1/5000"], "You must specify one of -s and -c."),
     (["-s", "6000", "-c", "h", "127.0.0.1/5000"], "Only one of -s and -c may be specified."),
     (["-s", "6000", "-s", "6002", "127.0.0.1/5000"], "Only one of -s and -c may be specified."),

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from udptunnel.config import Address, Mode, Relay, build_config, parse_udp, split_address
+from udptunnel.allow import SourceFilter
+from udptunnel.config import (
+    Address,
+    Mode,
+    Relay,
+    build_config,
+    parse_rule,
+    parse_udp,
+    split_address,
+)
 from udptunnel.errors import ConfigError
 
 
@@ -67,3 +76,33 @@ def test_rtp_mode_relays_two_consecutive_port_pairs() -> None:
 def test_rtp_mode_checks_every_port_even_the_defaulted_ones(udp_bind: str | None) -> None:
     with pytest.raises(ConfigError, match="must be even"):
         build_config(server=None, client="h", udp="g/5001", udp_bind=udp_bind, rtp=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "network", "port"),
+    [
+        ("192.0.2.7", "192.0.2.7/32", None),
+        ("192.0.2.7/5000", "192.0.2.7/32", 5000),  # host/port, as elsewhere
+        ("192.0.2.7:5000", "192.0.2.7/32", 5000),
+        ("192.0.2.7/24", "192.0.2.7/32", 24),  # not a network's first address: a port
+        ("10.0.0.0/8", "10.0.0.0/8", None),  # a network's first address: a prefix
+        ("10.0.0.0/8/53", "10.0.0.0/8", 53),
+        ("::1/53", "::1/128", 53),
+        ("[::1]:53", "::1/128", 53),
+        ("2001:db8::/32", "2001:db8::/32", None),
+        ("2001:db8::/32/443", "2001:db8::/32", 443),
+    ],
+)
+def test_allow_from_rules(text: str, network: str, port: int | None) -> None:
+    rule = parse_rule(text)
+    assert (str(rule.network), rule.port) == (network, port)
+
+
+def test_a_source_filter_matches_networks_ports_and_mapped_ipv4() -> None:
+    rules = [parse_rule("127.0.0.1/5000"), parse_rule("10.0.0.0/8"), parse_rule("2001:db8::/32")]
+    allows = SourceFilter(rules).allows
+    assert allows(("127.0.0.1", 5000)) and not allows(("127.0.0.1", 5001))
+    assert allows(("10.200.0.1", 9)) and allows(("::ffff:10.1.2.3", 9))
+    assert allows(("2001:db8::1", 1)) and not allows(("2001:db9::1", 1))
+    assert not allows(("::ffff:11.0.0.1", 9)) and not allows(("::1", 5000))
+    assert not SourceFilter([])  # no rules: nothing to check, everyone allowed

@@ -15,6 +15,8 @@ import pytest
 import trio
 import trio.testing
 
+from udptunnel.allow import SourceFilter
+from udptunnel.config import parse_rule
 from udptunnel.counters import Counters
 from udptunnel.errors import TunnelError
 from udptunnel.framing import Decoder, encode
@@ -77,6 +79,7 @@ async def relay_rig(
     max_delay: float = 1.0,
     receive_buffer: int = 0,
     tcp_buffer: int = 0,
+    allow_from: tuple[str, ...] = (),
 ) -> AsyncIterator[Rig]:
     """Run ``run_relay`` over a loopback TCP connection, with an app on loopback.
 
@@ -85,6 +88,7 @@ async def relay_rig(
         max_delay: the relay's bound on how long a frame may wait in it.
         receive_buffer: SO_RCVBUF of the relay's UDP receive socket, if not 0.
         tcp_buffer: SO_SNDBUF and SO_RCVBUF of both TCP ends, if not 0.
+        allow_from: --allow-from rules; the app's own address is ``APP``.
     """
     with trio.fail_after(CEILING):
         stream, peer = await tcp_pair()
@@ -96,7 +100,9 @@ async def relay_rig(
                 receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             receive.bind((LOOPBACK, 0))
             send.connect(destination or app.getsockname())
-            udp = UdpSockets(receive, send, frozenset({send.getsockname()}))
+            host, port = app.getsockname()
+            rules = [parse_rule(rule.replace("APP", f"{host}/{port}")) for rule in allow_from]
+            udp = UdpSockets(receive, send, frozenset({send.getsockname()}), SourceFilter(rules))
             rig = Rig(peer, app, udp, Counters(), trio.Event())
             rig.counters.watch_overflow(partial(kernel_drops, receive))
             async with stream, peer, trio.open_nursery() as nursery:
@@ -153,6 +159,18 @@ async def test_own_output_looped_back_is_dropped() -> None:
         await rig.send_to_tunnel(b"marker")  # queued behind the looped datagram, if any
         assert await rig.frame_from_tunnel() == b"marker"
         assert rig.counters.dropped_own == 1
+
+
+@pytest.mark.parametrize("rule", ["APP", "127.0.0.0/30", "127.0.0.1"])
+async def test_datagrams_from_a_source_not_allowed_are_dropped_and_counted(rule: str) -> None:
+    async with relay_rig(allow_from=(rule,)) as rig:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder:
+            intruder.bind(("127.0.0.9", 0))  # another loopback address: outside every rule
+            intruder.sendto(b"injected", rig.udp.receive.getsockname())
+        await rig.send_to_tunnel(b"marker")  # from the app, which every rule allows
+        assert await rig.frame_from_tunnel() == b"marker"
+        assert rig.counters.dropped_disallowed == 1
+        assert rig.counters.udp_to_tcp_datagrams == 1
 
 
 async def test_connection_refused_is_cleared_and_the_datagram_still_sent(

@@ -19,7 +19,9 @@ import trio
 from . import __version__
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_FLOW_TIMEOUT,
     DEFAULT_MAX_DELAY,
+    DEFAULT_MAX_FLOWS,
     DEFAULT_RECONNECT_MAX,
     Config,
     build_config,
@@ -171,6 +173,44 @@ def _seconds(
     DEFAULT_CONNECT_TIMEOUT,
     "Give up a connection attempt that gets no answer in SECONDS.",
 )
+@_option(
+    "--flows",
+    is_flag=True,
+    env="FLOWS",
+    help="Flow mode, on both ends: each UDP source gets a TCP connection of its own, and "
+    "its replies back (request/response traffic, many clients). The client receives on "
+    "UDP-ADDR/UDP-PORT; the server sends each flow from a socket of its own.",
+)
+@_option(
+    "--max-flows",
+    type=click.IntRange(1, 100_000),
+    default=DEFAULT_MAX_FLOWS,
+    show_default=True,
+    metavar="N",
+    env="MAX_FLOWS",
+    help="In flow mode: at most N flows at once; further sources or connections are refused.",
+)
+@_seconds(
+    "--flow-timeout",
+    click.FloatRange(0.1, 86_400),
+    DEFAULT_FLOW_TIMEOUT,
+    "In flow mode: end a flow that carried no datagram either way for SECONDS.",
+)
+@_option(
+    "--allow-from",
+    multiple=True,
+    metavar="ADDR[/PREFIX][/PORT]",
+    env="ALLOW_FROM",
+    help="Accept datagrams into the tunnel only from these sources (repeatable; 10.0.0.0/8, "
+    "192.0.2.7/5000, [::1]:53). Others are dropped and counted. Default: anyone.",
+)
+@_option(
+    "--reuse-port",
+    is_flag=True,
+    env="REUSE_PORT",
+    help="In a flow-mode server: let other processes listen on the same TCP port "
+    "(SO_REUSEPORT); the kernel spreads the connections among them.",
+)
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]", envvar=ENV + "UDP")
 def command(
@@ -185,6 +225,11 @@ def command(
     keepalive: int | None,
     idle_timeout: float | None,
     connect_timeout: float,
+    flows: bool,
+    max_flows: int,
+    flow_timeout: float,
+    allow_from: Sequence[str],
+    reuse_port: bool,
     udp: str,
 ) -> int:
     """Tunnel UDP datagrams both ways over one TCP connection.
@@ -211,6 +256,11 @@ def command(
             keepalive=keepalive,
             idle_timeout=idle_timeout,
             connect_timeout=connect_timeout,
+            flows=flows,
+            max_flows=max_flows,
+            flow_timeout=flow_timeout,
+            allow_from=allow_from,
+            reuse_port=reuse_port,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -21,11 +22,62 @@ DEFAULT_TTL = 1  # as the original: multicast stays on the local network unless 
 RTP_PAIR = 2  # RTP mode relays an even port and the odd port above it (RTP and RTCP)
 DEFAULT_MAX_DELAY = 0.01  # seconds a datagram may wait in a tunnel end: a media jitter budget
 MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
+DEFAULT_MAX_FLOWS = 256  # flows at once in flow mode: each costs a TCP connection (and a socket)
+DEFAULT_FLOW_TIMEOUT = 60.0  # seconds without a datagram that end a flow
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a client waits for the server to answer
 DEFAULT_RECONNECT_MAX = 30.0  # seconds: the longest wait between two attempts (--persist)
 
 _DECIMAL = re.compile(r"[0-9]+")  # no sign, no hex, no trailing garbage (defect 11)
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _SEPARATORS = re.compile(r"[/:]")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Sources in ``network``, from ``port`` if it is not None."""
+
+    network: _IPNetwork
+    port: int | None
+
+    def __str__(self) -> str:
+        return f"{self.network}" + (f"/{self.port}" if self.port is not None else "")
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse one ``--allow-from`` value.
+
+    ``ADDR`` is one address; ``ADDR:PORT`` and ``[V6]:PORT`` one address and port.
+    ``ADDR/N`` is a network when ADDR is the network's first address under prefix N
+    (``10.0.0.0/8``, ``192.0.2.7/32``), otherwise ADDR and port N, as everywhere else on the
+    command line (``192.0.2.7/5000``); ``NET/PREFIX/PORT`` gives both. Host names are not
+    accepted: a rule must not depend on the resolver.
+
+    Raises:
+        ConfigError: naming the text.
+    """
+    if "/" in text and not text.startswith("["):
+        host, *fields = text.split("/")
+        if len(fields) > 2 or "" in fields:
+            raise ConfigError(f"{text!r}: expected ADDR, ADDR/PORT, NET/PREFIX or NET/PREFIX/PORT")
+        if len(fields) == 2:
+            return Rule(_network(text, f"{host}/{fields[0]}", strict=True), parse_port(fields[1]))
+        if _DECIMAL.fullmatch(fields[0]):
+            try:
+                return Rule(ipaddress.ip_network(text, strict=True), None)
+            except ValueError:
+                pass  # not a network's first address: a port
+        return Rule(_network(text, host), parse_port(fields[0]))
+    host, rest = split_address(text)
+    if len(rest) > 1:
+        raise ConfigError(f"{text!r}: too many fields (expected ADDR[:PORT])")
+    return Rule(_network(text, host), parse_port(rest[0]) if rest else None)
+
+
+def _network(text: str, spec: str, *, strict: bool = False) -> _IPNetwork:
+    try:
+        return ipaddress.ip_network(spec, strict=strict)
+    except ValueError as exc:
+        raise ConfigError(f"{text!r}: not an IP address or network ({exc})") from exc
 
 
 class Mode(enum.Enum):
@@ -79,6 +131,11 @@ class Config:
     keepalive: int | None = None  # seconds idle before TCP keepalive probes; None: off
     idle_timeout: float | None = None  # seconds without a datagram that end a tunnel
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    flows: bool = False  # one TCP connection per UDP source, many at once
+    max_flows: int = DEFAULT_MAX_FLOWS
+    flow_timeout: float = DEFAULT_FLOW_TIMEOUT
+    allow_from: tuple[Rule, ...] = ()  # accepted UDP sources; empty: everyone
+    reuse_port: bool = False  # let several flow-mode servers share the TCP port
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -218,6 +275,11 @@ def build_config(
     keepalive: int | None = None,
     idle_timeout: float | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    flows: bool = False,
+    max_flows: int = DEFAULT_MAX_FLOWS,
+    flow_timeout: float = DEFAULT_FLOW_TIMEOUT,
+    allow_from: Sequence[str] = (),
+    reuse_port: bool = False,
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
 
@@ -228,7 +290,9 @@ def build_config(
         udp_bind: the ``--udp-bind`` value, ``ADDR[/PORT]``.
         rtp: RTP mode, two consecutive even/odd port pairs.
         max_delay_ms: how long a datagram may wait in this tunnel end before it is dropped.
-        persist, reconnect_max, keepalive, idle_timeout, connect_timeout: as in Config.
+        persist, reconnect_max, keepalive, idle_timeout, connect_timeout, flows,
+            max_flows, flow_timeout, reuse_port: as in Config.
+        allow_from: the ``--allow-from`` values, parsed by ``parse_rule``.
 
     Raises:
         ConfigError: with the original's wording where it had one.
@@ -258,7 +322,16 @@ def build_config(
         keepalive=keepalive,
         idle_timeout=idle_timeout,
         connect_timeout=connect_timeout,
+        flows=flows,
+        max_flows=max_flows,
+        flow_timeout=flow_timeout,
+        allow_from=tuple(parse_rule(rule) for rule in allow_from),
+        reuse_port=reuse_port,
     )
+    if flows and rtp:
+        raise ConfigError("Flow mode (--flows) and RTP mode (-r) cannot be combined.")
+    if reuse_port and not (flows and mode is Mode.SERVER):
+        raise ConfigError("--reuse-port needs a flow-mode server (-s and --flows).")
     if not 1 <= max_delay_ms <= MAX_MAX_DELAY * 1000:
         raise ConfigError(f"{max_delay_ms}: invalid maximum delay (expected 1-60000 ms)")
     if rtp:

@@ -23,13 +23,47 @@ class Counters:
     dropped_too_large: int = 0  # frames too long for one UDP datagram on this path
     dropped_unsent: int = 0  # UDP sends refused or unroutable at that moment
     dropped_no_tunnel: int = 0  # into the tunnel while none was up (--persist)
-    tunnels: int = 0  # tunnels established since the start
+    dropped_disallowed: int = 0  # into the tunnel: from a source --allow-from does not allow
+    flows_refused: int = 0  # flow mode: sources or connections past --max-flows
+    tunnels: int = 0  # tunnels (in flow mode, flows) established since the start
     reconnects: int = 0  # a client's attempts to connect after the first
     state: str = "starting"  # what the tunnel end is doing, in a few words
     # Into the tunnel, the kernel drops when a receive queue is full and counts per socket:
     # those counts are read when wanted (live sockets) or were kept when a socket closed.
     _overflow_live: list[Callable[[], int]] = field(default_factory=list, repr=False)
     _overflow_closed: int = 0
+    # Flow mode: each flow counts in a child of its own (for its idle timeout), added in
+    # here when it ends; the totals include the live ones.
+    _children: list[Counters] = field(default_factory=list, repr=False)
+
+    def child(self) -> Counters:
+        """A new Counters for one flow, part of these totals until ``retire``d into them."""
+        child = Counters()
+        self._children.append(child)
+        return child
+
+    def retire(self, child: Counters) -> None:
+        """Add an ended flow's counts to these for good."""
+        self._children.remove(child)
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(child, name))
+        self._overflow_closed += child.dropped_overflow
+
+    @property
+    def flows(self) -> int:
+        """Flows open now (flow mode)."""
+        return len(self._children)
+
+    def totals(self) -> Counters:
+        """These counts with those of every live flow: a snapshot, for reports."""
+        if not self._children:
+            return self
+        snapshot = Counters(state=self.state, _overflow_closed=self.dropped_overflow)
+        for name in _SUMMED:
+            value = getattr(self, name) + sum(getattr(child, name) for child in self._children)
+            setattr(snapshot, name, value)
+        snapshot._overflow_closed += sum(child.dropped_overflow for child in self._children)
+        return snapshot
 
     def watch_overflow(self, read: Callable[[], int]) -> Callable[[], None]:
         """Count a socket's kernel drops, read by ``read``; call the result before it closes."""
@@ -56,6 +90,7 @@ class Counters:
             + self.dropped_too_large
             + self.dropped_unsent
             + self.dropped_no_tunnel
+            + self.dropped_disallowed
         )
 
     @property
@@ -65,6 +100,8 @@ class Counters:
 
     def summary(self) -> str:
         """One line for the log: traffic each way and drops by cause."""
+        if self._children:
+            return self.totals().summary()
         return (
             f"UDP to TCP: {self.udp_to_tcp_datagrams} datagrams, {self.udp_to_tcp_bytes} bytes; "
             f"TCP to UDP: {self.tcp_to_udp_datagrams} datagrams, {self.tcp_to_udp_bytes} bytes; "
@@ -74,15 +111,43 @@ class Counters:
         )
 
     def _no_tunnel(self) -> str:
-        return f", {self.dropped_no_tunnel} no tunnel" if self.dropped_no_tunnel else ""
+        """The causes that only some modes have, named when they happened."""
+        parts = [
+            f", {count} {name}"
+            for count, name in (
+                (self.dropped_no_tunnel, "no tunnel"),
+                (self.dropped_disallowed, "not allowed"),
+            )
+            if count
+        ]
+        return "".join(parts)
 
     def report(self) -> str:
         """The summary with what only a long-running end has: tunnels and reconnections."""
-        return f"{self.summary()}; tunnels: {self.tunnels}, reconnects: {self.reconnects}"
+        line = f"{self.summary()}; tunnels: {self.tunnels}, reconnects: {self.reconnects}"
+        if self.flows or self.flows_refused:
+            line += f"; flows: {self.flows} open, {self.flows_refused} refused"
+        return line
 
     def status(self) -> str:
         """A short line for the service manager: the state and the totals."""
+        totals = self.totals()
         return (
-            f"{self.state}; {self.udp_to_tcp_datagrams} datagrams to TCP, "
-            f"{self.tcp_to_udp_datagrams} from TCP, {self.dropped} dropped"
+            f"{self.state}; {totals.udp_to_tcp_datagrams} datagrams to TCP, "
+            f"{totals.tcp_to_udp_datagrams} from TCP, {totals.dropped} dropped"
         )
+
+
+# The counts a flow's Counters adds to the tunnel end's when it ends.
+_SUMMED = (
+    "udp_to_tcp_datagrams",
+    "udp_to_tcp_bytes",
+    "tcp_to_udp_datagrams",
+    "tcp_to_udp_bytes",
+    "dropped_own",
+    "dropped_late",
+    "dropped_too_large",
+    "dropped_unsent",
+    "dropped_no_tunnel",
+    "dropped_disallowed",
+)

@@ -29,11 +29,12 @@ import sys
 import termios
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
+from .allow import SourceFilter
 from .counters import Counters
 from .egress import YIELD_EVERY, UdpSender
 from .errors import TunnelError
@@ -57,11 +58,13 @@ class UdpSockets:
         own_addresses: where the send socket's datagrams come from, as the receive socket
             sees them; datagrams from there are our own output coming back (the original's
             self-loop) and are dropped.
+        sources: who may send into the tunnel (--allow-from); by default, anyone.
     """
 
     receive: socket.socket
     send: socket.socket
     own_addresses: frozenset[tuple[str, int]]
+    sources: SourceFilter = field(default_factory=lambda: SourceFilter(()))
 
 
 async def run_relay(
@@ -179,6 +182,7 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
     """
     verbose = log.isEnabledFor(logging.DEBUG)
     sock, own = udp.receive, udp.own_addresses
+    check, allows = bool(udp.sources), udp.sources.allows
     receive = sock.recvfrom_into
     buffer = bytearray(BATCH_SIZE + HEADER.size + MAX_DATAGRAM)
     view = memoryview(buffer)
@@ -198,6 +202,11 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
                 log.debug("Received %d byte UDP packet from %s/%d", size, *source[:2])
             if source[:2] in own:
                 counters.dropped_own += 1
+                continue
+            if check and not allows(source[:2]):
+                counters.dropped_disallowed += 1
+                if verbose:
+                    log.debug("Dropped it: %s/%d is not allowed to send", *source[:2])
                 continue
             pack(buffer, end, size)
             end += HEADER.size + size

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from .allow import SourceFilter
 from .config import RTP_PAIR as RTP_RELAYS
 from .config import Address
 from .errors import ConfigError, TunnelError
@@ -32,6 +33,8 @@ Resolved = tuple[int, SockAddr]  # (address family, socket address)
 WILDCARD: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 UNSENT_LIMIT = 64 * 1024  # bytes the kernel may hold unsent: enough to keep the link busy
 CLOSE_GRACE = 2.0  # seconds a closing connection waits for the peer's end before giving up
+ACCEPT_BACKOFF_FIRST = 0.01  # seconds: the first pause after accept() fails
+ACCEPT_BACKOFF_MAX = 1.0  # seconds: the longest
 KEEPALIVE_PROBES = 3  # unanswered probes that end a connection: detection in about 2x idle
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _MAPPED_PREFIX = "::ffff:"  # how a dual-stack IPv6 socket sees an IPv4 source
@@ -71,6 +74,7 @@ def open_udp(
     *,
     ttl: int,
     bind_was_given: bool,
+    sources: SourceFilter,
 ) -> UdpSockets:
     """Open the send socket (connected to the destination) and the receive socket (bound).
 
@@ -106,7 +110,7 @@ def open_udp(
         except OSError as exc:
             raise TunnelError(f"cannot join multicast group {target[0]}: {strerror(exc)}") from exc
         log.info("Joined multicast group %s", target[0])
-    return UdpSockets(receive, send, _own_addresses(send.getsockname()))
+    return UdpSockets(receive, send, _own_addresses(send.getsockname()), sources)
 
 
 def _own_addresses(sockaddr: SockAddr) -> frozenset[tuple[str, int]]:
@@ -141,9 +145,15 @@ def _join(sock: socket.socket, family: int, group: SockAddr) -> None:
 
 
 async def listen(
-    stack: contextlib.AsyncExitStack, addresses: list[Resolved], label: Address
+    stack: contextlib.AsyncExitStack,
+    addresses: list[Resolved],
+    label: Address,
+    *,
+    reuse_port: bool = False,
 ) -> list[trio.SocketListener]:
     """Listen on every address, all on the same port (port 0: the kernel's one choice).
+    With ``reuse_port``, other processes may listen on it too (SO_REUSEPORT), and the kernel
+    spreads the connections among them.
 
     Raises:
         TunnelError: naming the address, if any of them cannot be listened on.
@@ -162,6 +172,8 @@ async def listen(
             # Rebinding after a restart must not wait out TIME_WAIT; on Linux this never lets
             # two listeners share a port (SO_REUSEPORT would, and is not set).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             await sock.bind((address[0], port or address[1], *address[2:]))
@@ -285,6 +297,19 @@ async def _goodbye(stream: trio.SocketStream) -> None:
         await stream.send_eof()
         while await stream.receive_some(TCP_RECEIVE_SIZE):
             pass
+
+
+async def accept(listener: trio.SocketListener) -> trio.SocketStream:
+    """Accept, waiting out failures such as running out of file descriptors (EMFILE) with
+    a pause that doubles, instead of spinning."""
+    backoff = ACCEPT_BACKOFF_FIRST
+    while True:
+        try:
+            return await listener.accept()
+        except OSError as exc:
+            log.warning("Cannot accept a TCP connection (%s); retrying", exc.strerror)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
 
 
 def refuse(stream: trio.SocketStream) -> None:

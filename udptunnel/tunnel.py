@@ -16,9 +16,11 @@ from functools import partial
 
 import trio
 
+from .allow import SourceFilter
 from .config import Config, Mode, Relay
 from .counters import Counters
 from .errors import TunnelError, messages
+from .flows import run_flows
 from .persist import STEADY_AFTER, Backoff, end_when_idle
 from .relay import UdpSockets, discard, kernel_drops, run_relay, run_then
 from .sockets import (
@@ -26,6 +28,7 @@ from .sockets import (
     Connections,
     Resolved,
     SockAddr,
+    accept,
     activated_listeners,
     connect,
     is_multicast,
@@ -39,8 +42,6 @@ from .sockets import (
 from .systemd import take_listen_sockets
 
 log = logging.getLogger(__name__)
-
-ACCEPT_BACKOFF_MAX = 1.0  # seconds between retries when accept() fails (out of descriptors)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,16 @@ async def run_tunnel(
         TunnelError: a socket cannot be set up (address in use, connection refused, ...), or
             the TCP connection breaks; with ``persist``, only the first kind.
     """
-    plans = [await _resolve(relay, config.mode) for relay in config.relays]
+    plans = [await _resolve(relay, config) for relay in config.relays]
+    sources = SourceFilter(config.allow_from)
+    if config.flows:
+        plan = plans[0]
+
+        def ready(tcp: list[SockAddr], udp: list[SockAddr]) -> None:
+            task_status.started(Ready([tcp], udp))
+
+        await run_flows(config, counters, plan.tcp, plan.udp, plan.udp_bind, sources, ready)
+        return
     with contextlib.ExitStack() as udp_stack:
         udps = [
             open_udp(
@@ -94,6 +104,7 @@ async def run_tunnel(
                 plan.udp_bind,
                 ttl=config.ttl,
                 bind_was_given=plan.relay.udp_bind.host is not None,
+                sources=sources,
             )
             for plan in plans
         ]
@@ -251,11 +262,13 @@ async def _wait_for_datagram(udps: list[UdpSockets]) -> None:
             nursery.start_soon(run_then, nursery.cancel_scope.cancel, waiter)
 
 
-async def _resolve(relay: Relay, mode: Mode) -> _Plan:
+async def _resolve(relay: Relay, config: Config) -> _Plan:
+    mode = config.mode
     udp = (await resolve(relay.udp, "UDP", socket.SOCK_DGRAM))[0]
     if relay.udp_bind.host is None:  # as the original: the group itself, or every address
         family, target = udp
-        host = target[0] if is_multicast(target) else WILDCARD[family]
+        there = is_multicast(target) or (config.flows and mode is Mode.CLIENT)  # flows: UDP-ADDR
+        host = target[0] if there else WILDCARD[family]
         udp_bind = (family, (host, relay.udp_bind.port))
     else:
         udp_bind = (await resolve(relay.udp_bind, "UDP bind", socket.SOCK_DGRAM))[0]
@@ -304,26 +317,14 @@ async def _accept_first(
 async def _accept_into(
     listener: trio.SocketListener, accepted: list[trio.SocketStream], scope: trio.CancelScope
 ) -> None:
-    accepted.append(await _accept(listener))
+    accepted.append(await accept(listener))
     scope.cancel(reason="a client connected")
 
 
 async def _refuse_all(listener: trio.SocketListener) -> None:
     """Refuse every further client at once, instead of leaving it hanging (defect 8)."""
     while True:
-        refuse(await _accept(listener))
-
-
-async def _accept(listener: trio.SocketListener) -> trio.SocketStream:
-    """Accept, waiting out failures such as running out of file descriptors."""
-    backoff = 0.01
-    while True:
-        try:
-            return await listener.accept()
-        except OSError as exc:
-            log.warning("Cannot accept a TCP connection (%s); retrying", exc.strerror)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+        refuse(await accept(listener))
 
 
 async def _run_relays(

@@ -1,0 +1,340 @@
+"""Flow mode (``--flows``): one TCP connection per UDP source, many at once.
+
+Request/response traffic (DNS, WireGuard, QUIC, games) comes from many sources, each on a
+port of its own, and each expects its replies back on that port. The client end keeps one
+flow per source (address and port): its own TCP connection to the server, whose replies it
+sends back to that source from the listening socket. The server end gives each connection
+a UDP socket of its own, connected to the destination, so that the destination's replies
+come back to the right connection. Every connection still speaks the original framing, so a
+plain udptunnel client can use a flow-mode server.
+
+A flow ends when its connection closes or after ``--flow-timeout`` without a datagram; ends
+of one flow never disturb another. ``--max-flows`` bounds the flows at each end: a source or
+connection past it is refused and counted, and the flows already open go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+
+import trio
+
+from .allow import SourceFilter
+from .config import Config, Mode
+from .counters import Counters
+from .errors import TunnelError, messages
+from .framing import HEADER, MAX_DATAGRAM, Decoder
+from .persist import end_when_idle
+from .relay import UdpSockets, run_relay
+from .sockets import (
+    Connections,
+    Resolved,
+    SockAddr,
+    accept,
+    connect,
+    listen,
+    peer,
+    refuse,
+    show,
+    strerror,
+)
+
+log = logging.getLogger(__name__)
+
+OPENING_QUEUE = 64  # datagrams a flow keeps while its connection opens, or while TCP is busy
+RECEIVE_SIZE = 64 * 1024  # bytes per TCP read of a flow
+
+
+async def run_flows(
+    config: Config,
+    counters: Counters,
+    tcp: list[Resolved],
+    udp: Resolved,
+    udp_bind: Resolved,
+    sources: SourceFilter,
+    ready: Callable[[list[SockAddr], list[SockAddr]], object],
+) -> None:
+    """Run a flow-mode end until cancelled.
+
+    Calls ``ready`` once it is: a server with its listening addresses (and no UDP address:
+    each flow has its own), a client with no TCP address and the address it receives
+    datagrams on.
+
+    Raises:
+        TunnelError: if the listening sockets cannot be opened.
+    """
+    label = config.relays[0].tcp
+    if config.mode is Mode.SERVER:
+        async with contextlib.AsyncExitStack() as stack:
+            listeners = await listen(stack, tcp, label, reuse_port=config.reuse_port)
+            port = listeners[0].socket.getsockname()[1]
+            log.info("Listening for TCP connections on port %d (flows)", port)
+            counters.state = "serving flows"
+            ready([lst.socket.getsockname() for lst in listeners], [])
+            server = _FlowServer(config, counters, udp, sources)
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(server.accept_all, listener, nursery)
+    else:
+        with _open_udp(udp_bind, bind=True) as sock:
+            log.info("Receiving flows on UDP %s", show(sock.getsockname()))
+            counters.state = "receiving flows"
+            ready([], [sock.getsockname()])
+            client = _FlowClient(config, counters, tcp, sock, sources)
+            await client.run()
+
+
+class _FlowServer:
+    """Each accepted connection a flow, with a UDP socket of its own."""
+
+    def __init__(
+        self, config: Config, counters: Counters, udp: Resolved, sources: SourceFilter
+    ) -> None:
+        self.config, self.counters, self.udp, self.sources = config, counters, udp, sources
+
+    async def accept_all(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            stream = await accept(listener)
+            if self.counters.flows >= self.config.max_flows:
+                self.counters.flows_refused += 1
+                refuse(stream)
+                continue
+            nursery.start_soon(self.serve, stream, self.counters.child())
+
+    async def serve(self, stream: trio.SocketStream, counters: Counters) -> None:
+        """One flow, from its connection's start to its end."""
+        who = peer(stream)
+        with _accounted(who, self.counters, counters):
+            async with Connections(self.config.keepalive) as connections:
+                connections.adopt(stream)  # closed in order however the flow ends
+                with _open_udp(self.udp, bind=False) as sock:
+                    log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
+                    udp = UdpSockets(sock, sock, frozenset(), self.sources)
+                    relay = partial(
+                        run_relay, stream, udp, counters, max_delay=self.config.max_delay
+                    )
+                    await _until_idle(relay, counters, self.config.flow_timeout)
+
+
+class _FlowClient:
+    """Sorts datagrams by source into flows, each with a TCP connection of its own."""
+
+    def __init__(
+        self,
+        config: Config,
+        counters: Counters,
+        tcp: list[Resolved],
+        sock: socket.socket,
+        sources: SourceFilter,
+    ) -> None:
+        self.config, self.counters, self.tcp, self.sock = config, counters, tcp, sock
+        self.sources = sources
+        self.flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]] = {}
+        self.verbose = log.isEnabledFor(logging.DEBUG)
+
+    async def run(self) -> None:
+        """Receive datagrams and hand each to its flow, opening flows for new sources."""
+        buffer = bytearray(MAX_DATAGRAM)
+        check = bool(self.sources)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    size, address = self.sock.recvfrom_into(buffer)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    continue
+                except OSError:  # an ICMP error queued for the socket: nothing to deliver
+                    await trio.lowlevel.checkpoint()
+                    continue
+                source = address[:2]
+                if check and not self.sources.allows(source):
+                    self.counters.dropped_disallowed += 1
+                    if self.verbose:
+                        log.debug("Dropped a datagram from %s/%d: not allowed to send", *source)
+                    continue
+                flow = self.flows.get(source)
+                if flow is None:
+                    if len(self.flows) >= self.config.max_flows:
+                        self.counters.flows_refused += 1
+                        if self.verbose:
+                            log.debug("Refused a flow from %s/%d: too many flows", *source)
+                        continue
+                    flow = self._open(nursery, source, address)
+                try:
+                    flow.send_nowait(bytes(buffer[:size]))
+                except trio.WouldBlock:  # its connection cannot take them as fast
+                    self.counters.dropped_late += 1
+                except trio.BrokenResourceError:  # the flow is ending just now
+                    self.counters.dropped_no_tunnel += 1
+                await trio.lowlevel.checkpoint()
+
+    def _open(
+        self, nursery: trio.Nursery, source: tuple[str, int], address: SockAddr
+    ) -> trio.MemorySendChannel[bytes]:
+        send, receive = trio.open_memory_channel[bytes](OPENING_QUEUE)
+        self.flows[source] = send
+        nursery.start_soon(self._carry, source, address, receive, self.counters.child())
+        return send
+
+    async def _carry(
+        self,
+        source: tuple[str, int],
+        address: SockAddr,
+        datagrams: trio.MemoryReceiveChannel[bytes],
+        counters: Counters,
+    ) -> None:
+        """One flow: connect, then carry both ways until the connection or the flow ends."""
+        who = show(source)
+        with _accounted(who, self.counters, counters):
+            async with Connections(self.config.keepalive) as connections:
+                try:
+                    stream = None
+                    with trio.move_on_after(self.config.connect_timeout):
+                        try:
+                            stream, _ = await connect(
+                                connections, self.tcp, self.config.relays[0].tcp
+                            )
+                        except OSError as exc:  # no socket to be had: out of descriptors
+                            raise TunnelError(f"cannot connect: {strerror(exc)}") from exc
+                    if stream is None:
+                        timeout = self.config.connect_timeout
+                        raise TunnelError(f"cannot connect: no answer in {timeout:g} s")
+                    log.info("Flow from %s: connected", who)
+
+                    async def both_ways() -> None:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._to_tcp, datagrams, stream, counters)
+                            await self._to_udp(stream, address, counters)
+                            nursery.cancel_scope.cancel(reason="the peer closed the connection")
+
+                    await _until_idle(both_ways, counters, self.config.flow_timeout)
+                finally:
+                    self._forget(source, datagrams, counters)  # before the goodbye
+
+    def _forget(
+        self,
+        source: tuple[str, int],
+        datagrams: trio.MemoryReceiveChannel[bytes],
+        counters: Counters,
+    ) -> None:
+        """No more datagrams for this flow: the next from its source opens a new one. Those
+        still waiting for it are dropped and counted."""
+        self.flows.pop(source, None)
+        with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            while True:
+                datagrams.receive_nowait()
+                counters.dropped_no_tunnel += 1
+        datagrams.close()
+
+    async def _to_tcp(
+        self,
+        datagrams: trio.MemoryReceiveChannel[bytes],
+        stream: trio.SocketStream,
+        counters: Counters,
+    ) -> None:
+        """Frame every datagram of the flow onto its connection, as many per write as wait."""
+        pack = HEADER.pack
+        async for first in datagrams:
+            batch = [pack(len(first)), first]
+            count, size = 1, len(first)
+            while True:
+                try:
+                    datagram = datagrams.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                batch += (pack(len(datagram)), datagram)
+                count, size = count + 1, size + len(datagram)
+            try:
+                await stream.send_all(b"".join(batch))
+            except trio.BrokenResourceError as exc:
+                raise TunnelError("TCP connection lost while sending") from exc
+            counters.udp_to_tcp_datagrams += count
+            counters.udp_to_tcp_bytes += size
+
+    async def _to_udp(
+        self, stream: trio.SocketStream, address: SockAddr, counters: Counters
+    ) -> None:
+        """Send every frame from the connection back to the flow's source."""
+        decoder = Decoder()
+        while True:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise TunnelError("TCP connection lost while receiving") from exc
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                await self._send_to(frame, address, counters)
+
+    async def _send_to(self, frame: memoryview, address: SockAddr, counters: Counters) -> None:
+        while True:
+            try:
+                self.sock.sendto(frame, address)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    counters.dropped_too_large += 1
+                else:
+                    counters.dropped_unsent += 1
+                return
+            counters.tcp_to_udp_datagrams += 1
+            counters.tcp_to_udp_bytes += len(frame)
+            return
+
+
+@contextlib.contextmanager
+def _accounted(who: str, totals: Counters, counters: Counters) -> Iterator[None]:
+    """A flow's life in the log and the counters: a failure ends this flow only, and its
+    counts join the totals when it ends."""
+    totals.tunnels += 1
+    try:
+        yield
+    except* TunnelError as group:
+        for message in messages(group):
+            log.info("Flow from %s lost: %s", who, message)
+    finally:
+        totals.retire(counters)
+        log.info("Flow from %s ended", who)
+
+
+async def _until_idle(
+    run: Callable[[], Awaitable[object]], counters: Counters, idle: float
+) -> None:
+    """Run a flow until it returns, or until it has carried nothing for ``idle`` seconds."""
+    async with trio.open_nursery() as nursery:
+        stop = partial(nursery.cancel_scope.cancel, reason="the flow was idle")
+        nursery.start_soon(end_when_idle, lambda: counters.traffic, idle, stop)
+        await run()
+        nursery.cancel_scope.cancel(reason="the flow ended")
+
+
+@contextlib.contextmanager
+def _open_udp(where: Resolved, *, bind: bool) -> Iterator[socket.socket]:
+    """A non-blocking UDP socket, bound to ``where`` (the client's one socket: every flow's
+    datagrams arrive there and its replies leave there) or connected to it (a server flow's
+    own, so that only the destination's replies come back to it).
+
+    Raises:
+        TunnelError: if there is no socket to be had (out of descriptors), or the address
+            cannot be bound or reached.
+    """
+    family, address = where
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise TunnelError(f"cannot open a UDP socket: {strerror(exc)}") from exc
+    with sock:
+        sock.setblocking(False)
+        try:
+            (sock.bind if bind else sock.connect)(address)
+        except OSError as exc:
+            what = "receive UDP on" if bind else "send UDP to"
+            raise TunnelError(f"cannot {what} {show(address)}: {strerror(exc)}") from exc
+        yield sock
