@@ -15,9 +15,11 @@ connection past it is refused and counted, and the flows already open go on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -30,7 +32,7 @@ from .counters import Counters
 from .errors import TunnelError, messages
 from .framing import HEADER, MAX_DATAGRAM, Decoder
 from .persist import end_when_idle
-from .relay import UdpSockets, run_relay
+from .relay import UdpSockets, receive_raw, run_relay
 from .sockets import (
     Connections,
     Resolved,
@@ -47,7 +49,7 @@ from .sockets import (
 log = logging.getLogger(__name__)
 
 OPENING_QUEUE = 64  # datagrams a flow keeps while its connection opens, or while TCP is busy
-RECEIVE_SIZE = 64 * 1024  # bytes per TCP read of a flow
+DISPATCH_BATCH = 256  # datagrams the client sorts between two looks at the scheduler
 
 
 async def run_flows(
@@ -121,6 +123,80 @@ class _FlowServer:
                     await _until_idle(relay, counters, self.config.flow_timeout)
 
 
+class _Outbox:
+    """A client flow's datagrams on their way into its connection.
+
+    The dispatcher writes a frame straight to the socket when nothing is waiting before it
+    and the socket takes it whole, which is the rule: no task wakes up for it. Otherwise
+    the frame waits here (up to OPENING_QUEUE of them, then it is dropped and counted) for
+    the flow's writer task, which sends whatever has gathered in one write. Either way
+    there is one writer at a time, and frames stay in order.
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.fd = -1  # the connection's descriptor, once connected
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.waiting = 0  # whole datagrams among the frames (a frame may be a remainder)
+        self.waiting_bytes = 0
+        self.writing = False  # the writer task has frames in hand, being sent
+        self.closed = False
+        self._wake = trio.lowlevel.ParkingLot()
+
+    def put(self, datagram: bytes) -> None:
+        """Take a datagram from the flow's source (called by the dispatcher only)."""
+        counters = self.counters
+        if self.closed:
+            counters.dropped_no_tunnel += 1
+            return
+        frame = HEADER.pack(len(datagram)) + datagram
+        if self.fd >= 0 and not self.frames and not self.writing:
+            try:
+                written = os.write(self.fd, frame)
+            except OSError:  # full, or broken: the writer finds out which
+                written = 0
+            if written:
+                counters.udp_to_tcp_datagrams += 1
+                counters.udp_to_tcp_bytes += len(datagram)
+                if written < len(frame):
+                    self.frames.append(frame[written:])  # the rest, before anything else
+                    self._wake.unpark()
+                return
+        if self.waiting >= OPENING_QUEUE:
+            counters.dropped_late += 1  # its connection cannot take them as fast
+            return
+        self.frames.append(frame)
+        self.waiting += 1
+        self.waiting_bytes += len(datagram)
+        self._wake.unpark()
+
+    async def write(self, stream: trio.SocketStream) -> None:
+        """The flow's writer: send what has gathered, as it gathers, until cancelled."""
+        while True:
+            while not self.frames:
+                await self._wake.park()
+            batch = b"".join(self.frames)
+            count, size = self.waiting, self.waiting_bytes
+            self.frames.clear()
+            self.waiting = self.waiting_bytes = 0
+            self.writing = True
+            try:
+                await stream.send_all(batch)
+            except trio.BrokenResourceError as exc:
+                raise TunnelError("TCP connection lost while sending") from exc
+            finally:
+                self.writing = False
+            self.counters.udp_to_tcp_datagrams += count
+            self.counters.udp_to_tcp_bytes += size
+
+    def close(self) -> None:
+        """No more datagrams: those still waiting are dropped and counted."""
+        self.closed = True
+        self.counters.dropped_no_tunnel += self.waiting
+        self.frames.clear()
+        self.waiting = self.waiting_bytes = 0
+
+
 class _FlowClient:
     """Sorts datagrams by source into flows, each with a TCP connection of its own."""
 
@@ -134,62 +210,52 @@ class _FlowClient:
     ) -> None:
         self.config, self.counters, self.tcp, self.sock = config, counters, tcp, sock
         self.sources = sources
-        self.flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]] = {}
+        self.flows: dict[tuple[str, int], _Outbox] = {}
         self.verbose = log.isEnabledFor(logging.DEBUG)
 
     async def run(self) -> None:
         """Receive datagrams and hand each to its flow, opening flows for new sources."""
         buffer = bytearray(MAX_DATAGRAM)
-        check = bool(self.sources)
+        view = memoryview(buffer)
+        check, allows = bool(self.sources), self.sources.allows
+        receive = self.sock.recvfrom_into
         async with trio.open_nursery() as nursery:
             while True:
-                try:
-                    size, address = self.sock.recvfrom_into(buffer)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.sock)
-                    continue
-                except OSError:  # an ICMP error queued for the socket: nothing to deliver
-                    await trio.lowlevel.checkpoint()
-                    continue
-                source = address[:2]
-                if check and not self.sources.allows(source):
-                    self.counters.dropped_disallowed += 1
-                    if self.verbose:
-                        log.debug("Dropped a datagram from %s/%d: not allowed to send", *source)
-                    continue
-                flow = self.flows.get(source)
-                if flow is None:
-                    if len(self.flows) >= self.config.max_flows:
-                        self.counters.flows_refused += 1
-                        if self.verbose:
-                            log.debug("Refused a flow from %s/%d: too many flows", *source)
+                for _ in range(DISPATCH_BATCH):
+                    try:
+                        size, address = receive(buffer)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(self.sock)
+                        break
+                    except OSError:  # an ICMP error queued for the socket: nothing to deliver
                         continue
-                    flow = self._open(nursery, source, address)
-                try:
-                    flow.send_nowait(bytes(buffer[:size]))
-                except trio.WouldBlock:  # its connection cannot take them as fast
-                    self.counters.dropped_late += 1
-                except trio.BrokenResourceError:  # the flow is ending just now
-                    self.counters.dropped_no_tunnel += 1
-                await trio.lowlevel.checkpoint()
+                    source = address[:2]
+                    if check and not allows(source):
+                        self.counters.dropped_disallowed += 1
+                        if self.verbose:
+                            log.debug("Dropped a datagram from %s/%d: not allowed to send", *source)
+                        continue
+                    flow = self.flows.get(source)
+                    if flow is None:
+                        if len(self.flows) >= self.config.max_flows:
+                            self.counters.flows_refused += 1
+                            if self.verbose:
+                                log.debug("Refused a flow from %s/%d: too many flows", *source)
+                            continue
+                        flow = self._open(nursery, source, address)
+                    flow.put(bytes(view[:size]))
+                else:  # still more waiting: let the flows, and cancellation, in first
+                    await trio.lowlevel.checkpoint()
 
-    def _open(
-        self, nursery: trio.Nursery, source: tuple[str, int], address: SockAddr
-    ) -> trio.MemorySendChannel[bytes]:
-        send, receive = trio.open_memory_channel[bytes](OPENING_QUEUE)
-        self.flows[source] = send
-        nursery.start_soon(self._carry, source, address, receive, self.counters.child())
-        return send
+    def _open(self, nursery: trio.Nursery, source: tuple[str, int], address: SockAddr) -> _Outbox:
+        outbox = _Outbox(self.counters.child())
+        self.flows[source] = outbox
+        nursery.start_soon(self._carry, source, address, outbox)
+        return outbox
 
-    async def _carry(
-        self,
-        source: tuple[str, int],
-        address: SockAddr,
-        datagrams: trio.MemoryReceiveChannel[bytes],
-        counters: Counters,
-    ) -> None:
+    async def _carry(self, source: tuple[str, int], address: SockAddr, outbox: _Outbox) -> None:
         """One flow: connect, then carry both ways until the connection or the flow ends."""
-        who = show(source)
+        who, counters = show(source), outbox.counters
         with _accounted(who, self.counters, counters):
             async with Connections(self.config.keepalive) as connections:
                 try:
@@ -208,66 +274,26 @@ class _FlowClient:
 
                     async def both_ways() -> None:
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._to_tcp, datagrams, stream, counters)
+                            nursery.start_soon(outbox.write, stream)
+                            outbox.fd = stream.socket.fileno()
                             await self._to_udp(stream, address, counters)
                             nursery.cancel_scope.cancel(reason="the peer closed the connection")
 
                     await _until_idle(both_ways, counters, self.config.flow_timeout)
                 finally:
-                    self._forget(source, datagrams, counters)  # before the goodbye
-
-    def _forget(
-        self,
-        source: tuple[str, int],
-        datagrams: trio.MemoryReceiveChannel[bytes],
-        counters: Counters,
-    ) -> None:
-        """No more datagrams for this flow: the next from its source opens a new one. Those
-        still waiting for it are dropped and counted."""
-        self.flows.pop(source, None)
-        with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            while True:
-                datagrams.receive_nowait()
-                counters.dropped_no_tunnel += 1
-        datagrams.close()
-
-    async def _to_tcp(
-        self,
-        datagrams: trio.MemoryReceiveChannel[bytes],
-        stream: trio.SocketStream,
-        counters: Counters,
-    ) -> None:
-        """Frame every datagram of the flow onto its connection, as many per write as wait."""
-        pack = HEADER.pack
-        async for first in datagrams:
-            batch = [pack(len(first)), first]
-            count, size = 1, len(first)
-            while True:
-                try:
-                    datagram = datagrams.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                batch += (pack(len(datagram)), datagram)
-                count, size = count + 1, size + len(datagram)
-            try:
-                await stream.send_all(b"".join(batch))
-            except trio.BrokenResourceError as exc:
-                raise TunnelError("TCP connection lost while sending") from exc
-            counters.udp_to_tcp_datagrams += count
-            counters.udp_to_tcp_bytes += size
+                    # Before the goodbye: the next datagram from the source opens a new flow.
+                    outbox.fd = -1
+                    outbox.close()
+                    if self.flows.get(source) is outbox:
+                        del self.flows[source]
 
     async def _to_udp(
         self, stream: trio.SocketStream, address: SockAddr, counters: Counters
     ) -> None:
         """Send every frame from the connection back to the flow's source."""
         decoder = Decoder()
-        while True:
-            try:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            except trio.BrokenResourceError as exc:
-                raise TunnelError("TCP connection lost while receiving") from exc
-            if not data:
-                return
+        fd = stream.socket.fileno()
+        while data := await receive_raw(fd):
             for frame in decoder.feed(data):
                 await self._send_to(frame, address, counters)
 

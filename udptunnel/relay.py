@@ -108,7 +108,7 @@ async def tcp_to_udp(
     decoder = Decoder()
     backlog = Backlog(stream)
     sender = UdpSender(udp.send, counters)
-    receive = partial(_receive_raw, _fd_of(stream)) if _fd_of(stream) >= 0 else None
+    receive = partial(receive_raw, _fd_of(stream)) if _fd_of(stream) >= 0 else None
     while data := await (receive() if receive else _receive(stream)):
         started = time.monotonic()
         frames = decoder.feed(data)
@@ -274,7 +274,7 @@ def _fd_of(stream: trio.abc.Stream) -> int:
     return sock.fileno() if sock is not None else -1
 
 
-async def _receive_raw(fd: int) -> bytes:
+async def receive_raw(fd: int) -> bytes:
     """Read from a TCP socket straight, as ``receive_some`` would, but with one pass
     through the scheduler per read instead of two: a read that follows a wait for data
     needs no extra checkpoint, the wait was one."""
