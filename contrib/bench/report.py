@@ -137,6 +137,9 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
         parts.append(recovery_text(case))
     if kind == "steady":
         parts.append(drift_text(case))
+    if kind == "flows" and subject != "kernel":
+        opened = case["tunnel"]["server"].get("flows", 0)
+        parts.append(f"{opened} flows, a TCP connection each" if opened else "one TCP for all")
     if kind == "soak" and "rss_kb" in case:
         parts.append(rss_text(case))
     if total["dropped_by_tunnel"]:

@@ -95,6 +95,7 @@ class Flow:
     rate: float = 0.0  # paced, datagrams/s; 0 (and no window): unpaced, as fast as possible
     window: int = 0  # closed loop: at most this many datagrams in flight
     burst: int = 0  # this many extra datagrams at once, at the scenario's event time
+    sockets: int = 1  # sources (ports) the sender sends from in turn: flows, in flow mode
 
     @property
     def name(self) -> str:
@@ -118,10 +119,13 @@ class Scenario:
     # Capacity varies by 20-30% from one run to the next on a shared VM, the original's as
     # much as ours: each subject runs this many rounds, interleaved, and the median counts.
     rounds: int = 1
+    flow_mode: bool = False  # our tunnel ends run with --flows (the original cannot)
 
 
 A_B, B_A = "A", "B"
 CAPACITY_ROUNDS = 3
+MANY_FLOWS = 100  # sources at once for the flow-mode scenario
+FLOW_RATE = 200  # datagrams/s per flow: 20,000/s in all
 SCENARIOS = [
     Scenario(
         "rtp-50",
@@ -194,6 +198,17 @@ SCENARIOS = [
         tunnels_only=True,
     ),
 ]
+SCENARIOS.append(
+    Scenario(
+        f"flows-{MANY_FLOWS}",
+        f"{MANY_FLOWS} flows of 200 B at {FLOW_RATE}/s each, client to server",
+        (Flow(B_A, 200, rate=MANY_FLOWS * FLOW_RATE, sockets=MANY_FLOWS),),
+        10,
+        2,
+        kind="flows",
+        flow_mode=True,
+    )
+)
 SWEEP = Scenario("sweep", "200 B paced at rising rates (the plot)", (), 5, 1, kind="sweep")
 NAMES = [s.name for s in SCENARIOS] + [SWEEP.name]
 
@@ -408,29 +423,38 @@ class Tunnels:
     client: Child
 
 
-def start_tunnels(children: Children, chain: Chain, program: str, pin: list[str]) -> Tunnels:
+def start_tunnels(
+    children: Children, chain: Chain, program: str, pin: list[str], *, flows: bool = False
+) -> Tunnels:
     """Server end in tunA, client end in tunB, as in tests/test_netns.py; ready to relay.
 
     Ready means: the server listens, the client is connected, the server has accepted, and
     both UDP ports are bound (the original client binds only after it reports the connection).
+    With ``flows`` (ours only), both ends run in flow mode: the client receives on tunB's
+    port, and connects once per source when the traffic starts.
     """
+    mode = ["--flows"] if flows else []
     server = children.spawn(
-        [*chain.tun_a.prefix, *pin, program, "-v", "-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"],
+        [*chain.tun_a.prefix, *pin, program, "-v", *mode, "-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"],
         read="stderr",
     )
-    server.wait_for(rf"Listening for TCP connections on port {TCP_PORT}$")
+    server.wait_for(rf"Listening for TCP connections on port {TCP_PORT}( \(flows\))?$")
     client = children.spawn(
         [
             *chain.tun_b.prefix,
             *pin,
             program,
             "-v",
+            *([*mode, "--udp-bind", f"{TUN_B_LAN}/{PORT_B}"] if flows else []),
             "-c",
             f"{TUN_A_WAN}/{TCP_PORT}",
             f"{APP_B}/{PORT_B}",
         ],
         read="stderr",
     )
+    if flows:
+        client.wait_for(rf"Receiving flows on UDP {re.escape(TUN_B_LAN)}/{PORT_B}$")
+        return Tunnels(server, client)
     client.wait_for(rf"Connected TCP to {re.escape(TUN_A_WAN)}/{TCP_PORT}$")
     server.wait_for(rf"TCP connection from {re.escape(TUN_B_WAN)}/\d+$")
     chain.tun_a.wait_udp_bound(PORT_A, WAIT)
@@ -522,6 +546,8 @@ def start_load(
         if sends:
             argv += ["--dest", destination(subject, sends), "--size", str(sends.size)]
             argv += ["--duration", f"{seconds:.3f}"]
+            if sends.sockets > 1:
+                argv += ["--sockets", str(sends.sockets)]
             if sends.window:
                 argv += ["--window", str(sends.window), "--ack-listen", str(ack_path(options, app))]
             elif sends.rate:
@@ -558,7 +584,9 @@ def run_case(
             stack.enter_context(forwarding(chain))
         else:
             program = ORIGINAL if subject == "original" else OURS
-            tunnels = start_tunnels(children, chain, program, options.pin_tunnel())
+            flow_mode = scenario.flow_mode and subject == "ours"
+            pin = options.pin_tunnel()
+            tunnels = start_tunnels(children, chain, program, pin, flows=flow_mode)
         loads = start_load(children, chain, subject, flows, seconds, options, tag)
         errors_before = udp_errors(chain)
 
@@ -587,8 +615,9 @@ def run_case(
         for role, end in ends.items():
             status = end.stop()
             lines = end.drain()
+            opened = sum(1 for line in lines if re.match(r"Flow from .*: UDP ", line))
             case["tunnel"][role].update(
-                exit=status, dropped=reported_drops(lines), log_tail=lines[-3:]
+                exit=status, dropped=reported_drops(lines), log_tail=lines[-3:], flows=opened
             )
     case["kernel_drops"] = {ns: errors_after[ns] - errors_before[ns] for ns in errors_after}
     case["load"] = {

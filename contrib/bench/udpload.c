@@ -29,6 +29,8 @@
  *                 on the sink, --ack-listen on the sender), which does not cross the tunnel
  *                 and works across network namespaces. Capacity so measured is one-way.
  *   --burst N@T   N extra datagrams at once, T seconds after the start
+ *   --sockets N   send from N sockets in turn (the first bound to --bind, the others to
+ *                 its address and ephemeral ports): N sources, as for flow mode
  * The sink records every datagram (seq, kind, send and receive time) in memory and writes
  * them at the end, raw, to --records; the benchmark computes the statistics.
  *
@@ -101,10 +103,14 @@ static struct {
 	const char *ack_listen, *ack_to, *records;
 	long drain_idle_ms, drain_max_ms;
 	int buffer;
-} opt = {.size = 200, .tick_us = 200, .drain_idle_ms = 300, .drain_max_ms = 5000,
+	int sockets;
+} opt = {.sockets = 1, .size = 200, .tick_us = 200, .drain_idle_ms = 300, .drain_max_ms = 5000,
 	 .buffer = 32 << 20};
 
 static int udp_fd = -1;
+#define MAX_SOCKETS 1024
+static int send_fds[MAX_SOCKETS];  /* --sockets: send_fds[0] is udp_fd */
+static int next_socket;
 static atomic_int stop_now, drain_requested;
 
 /* Sender state, read by main after the sender finishes. */
@@ -128,7 +134,8 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: udpload --bind ADDR:PORT [--receive [--records FILE] [--ack-to PATH]]\n"
 		"               [--dest ADDR:PORT --size BYTES (--duration S | --count N)\n"
-		"                [--rate R [--tick-us US] [--burst N@T] | --window W --ack-listen PATH]]\n"
+		"                [--rate R [--tick-us US] [--burst N@T] | --window W --ack-listen PATH]\n"
+		"                [--sockets N]]\n"
 		"               [--buffer BYTES] [--drain-idle-ms MS] [--drain-max-ms MS]\n");
 	exit(2);
 }
@@ -214,7 +221,9 @@ static void send_batch(int n, uint32_t kind)
 	}
 	int done = 0;
 	while (done < n) {
-		int r = sendmmsg(udp_fd, out_msgs + done, n - done, 0);
+		/* With several sockets, one datagram per call, each socket in turn. */
+		int fd = opt.sockets > 1 ? send_fds[next_socket++ % opt.sockets] : udp_fd;
+		int r = sendmmsg(fd, out_msgs + done, opt.sockets > 1 ? 1 : n - done, 0);
 		if (r < 0) {
 			if (errno == EINTR) {
 				if (atomic_load(&stop_now))
@@ -478,7 +487,7 @@ static void write_records(void)
 int main(int argc, char **argv)
 {
 	enum { BIND = 1, DEST, SIZE, RATE, DURATION, COUNT, WINDOW, BURST, TICK, ACK_LISTEN,
-	       ACK_TO, RECEIVE, RECORDS, IDLE, MAX, BUFFER };
+	       ACK_TO, RECEIVE, RECORDS, IDLE, MAX, BUFFER, SOCKETS };
 	static const struct option longs[] = {
 		{"bind", 1, 0, BIND}, {"dest", 1, 0, DEST}, {"size", 1, 0, SIZE},
 		{"rate", 1, 0, RATE}, {"duration", 1, 0, DURATION}, {"count", 1, 0, COUNT},
@@ -486,7 +495,7 @@ int main(int argc, char **argv)
 		{"ack-listen", 1, 0, ACK_LISTEN}, {"ack-to", 1, 0, ACK_TO},
 		{"receive", 0, 0, RECEIVE}, {"records", 1, 0, RECORDS},
 		{"drain-idle-ms", 1, 0, IDLE}, {"drain-max-ms", 1, 0, MAX},
-		{"buffer", 1, 0, BUFFER}, {0, 0, 0, 0}};
+		{"buffer", 1, 0, BUFFER}, {"sockets", 1, 0, SOCKETS}, {0, 0, 0, 0}};
 	int have_bind = 0, c;
 	while ((c = getopt_long(argc, argv, "", longs, NULL)) != -1) {
 		switch (c) {
@@ -509,13 +518,15 @@ int main(int argc, char **argv)
 		case IDLE: opt.drain_idle_ms = atol(optarg); break;
 		case MAX: opt.drain_max_ms = atol(optarg); break;
 		case BUFFER: opt.buffer = atoi(optarg); break;
+		case SOCKETS: opt.sockets = atoi(optarg); break;
 		default: usage();
 		}
 	}
 	if (!have_bind || optind != argc || opt.size < HEADER_SIZE || opt.size > 65507 ||
 	    (!opt.have_dest && !opt.receive) ||
 	    (opt.have_dest && opt.duration <= 0 && opt.count <= 0) ||
-	    (opt.window > 0 && (!opt.ack_listen || opt.rate > 0)) || opt.window > BATCH)
+	    (opt.window > 0 && (!opt.ack_listen || opt.rate > 0)) || opt.window > BATCH ||
+	    opt.sockets < 1 || opt.sockets > MAX_SOCKETS)
 		usage();
 
 	prctl(PR_SET_TIMERSLACK, 1UL);  /* wake on time: the default slack is 50 us */
@@ -537,6 +548,15 @@ int main(int argc, char **argv)
 		die("SO_RCVTIMEO");
 	if (bind(udp_fd, (struct sockaddr *)&opt.bind, sizeof opt.bind) < 0)
 		die("bind");
+	send_fds[0] = udp_fd;
+	for (int i = 1; i < opt.sockets; i++) {
+		struct sockaddr_in any_port = opt.bind;
+		any_port.sin_port = 0;
+		send_fds[i] = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		if (send_fds[i] < 0 || bind(send_fds[i], (struct sockaddr *)&any_port,
+					    sizeof any_port) < 0)
+			die("--sockets");
+	}
 	int ack_fd = opt.ack_listen ? open_ack_listener() : -1;
 	if (opt.have_dest)
 		setup_sender();
