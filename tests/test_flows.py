@@ -271,3 +271,24 @@ def test_out_of_descriptors_accept_backs_off_and_recovers(spawn: Spawn, echo: Ec
                 break
         assert time.monotonic() < deadline, "no flow again after the descriptors came back"
     assert server.proc.poll() is None
+
+
+def test_a_flow_server_past_max_flows_refuses_connections_and_keeps_the_others(
+    spawn: Spawn, echo: Echo
+) -> None:
+    tcp = free_port()
+    limit = ["--max-flows", "2"]
+    server = spawn([UDPTUNNEL, "-v", "--flows", *limit, "-s", str(tcp), f"127.0.0.1/{echo.port}"])
+    server.wait_for("Listening for TCP connections")
+    first, second = (socket.create_connection(("127.0.0.1", tcp), timeout=WAIT) for _ in "12")
+    server.wait_for(r"Flow from 127\.0\.0\.1/\d+: UDP", nth=2)
+    with (
+        socket.create_connection(("127.0.0.1", tcp), timeout=WAIT) as third,
+        pytest.raises(ConnectionResetError),
+    ):
+        third.recv(1)  # refused at once, with a reset
+    for number, peer in enumerate((first, second)):
+        frame = struct.pack("!H", 1) + b"%d" % number
+        peer.sendall(frame)
+        assert peer.recv(3) == frame
+        peer.close()
