@@ -338,3 +338,53 @@ async def test_a_lasting_send_failure_is_a_tunnel_error() -> None:
         with pytest.raises(TunnelError, match="cannot send UDP datagram: Bad file descriptor"):
             await tcp_to_udp(stream, udp, Counters(), max_delay=1.0)
     udp.receive.close()
+
+
+class Scrambled(trio.abc.Stream):
+    """A stream that changes every byte on the way, as TLS does, and (unlike TLS) shows
+    its socket: the relay must still go through it, never around it to the socket."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner, self.socket = inner, inner.socket
+
+    @staticmethod
+    def _flip(data: bytes | bytearray | memoryview) -> bytes:
+        return bytes(byte ^ 0x5A for byte in bytes(data))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(self._flip(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return self._flip(await self.inner.receive_some(max_bytes))
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_wrapped_stream_is_never_bypassed_for_its_socket() -> None:
+    stream, peer = await tcp_pair()
+    wrapped, far = Scrambled(stream), Scrambled(peer)
+    decoder = Decoder()
+    async with stream, peer:
+        with await open_trio_udp() as app, relay_socket() as receive, relay_socket() as send:
+            receive.bind((LOOPBACK, 0))
+            send.connect(app.getsockname())
+            udp = UdpSockets(receive, send, frozenset())
+            with trio.fail_after(CEILING):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(run_relay, wrapped, udp, Counters(), max_delay=1.0))
+                    await far.send_all(encode(b"into UDP" * 20) * 3)  # a run: segmentation too
+                    for _ in range(3):
+                        assert (await app.recvfrom(1000))[0] == b"into UDP" * 20
+                    await app.sendto(b"into TCP", receive.getsockname())
+                    frames: list[bytes] = []
+                    while not frames:
+                        frames = [bytes(f) for f in decoder.feed(await far.receive_some(100))]
+                    assert frames == [b"into TCP"]
+                    nursery.cancel_scope.cancel()

@@ -108,7 +108,7 @@ async def tcp_to_udp(
     decoder = Decoder()
     backlog = Backlog(stream)
     sender = UdpSender(udp.send, counters)
-    receive = partial(receive_raw, _fd_of(stream)) if _fd_of(stream) >= 0 else None
+    receive = partial(receive_raw, fd_of(stream)) if fd_of(stream) >= 0 else None
     while data := await (receive() if receive else _receive(stream)):
         started = time.monotonic()
         frames = decoder.feed(data)
@@ -143,8 +143,7 @@ class Backlog:
     DECAY = 0.9  # per sample: the rate of about the last ten busy reads
 
     def __init__(self, stream: trio.abc.Stream) -> None:
-        sock = getattr(stream, "socket", None)  # a SocketStream; anything else: no estimate
-        self._fd = sock.fileno() if sock is not None else -1
+        self._fd = fd_of(stream)  # a plain TCP socket; anything else: no estimate
         self._bytes = 0.0
         self._seconds = 0.0
 
@@ -187,8 +186,7 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
     buffer = bytearray(BATCH_SIZE + HEADER.size + MAX_DATAGRAM)
     view = memoryview(buffer)
     pack = HEADER.pack_into
-    sock_of_stream = getattr(stream, "socket", None)
-    fd = sock_of_stream.fileno() if sock_of_stream is not None else -1  # a SocketStream: write it
+    fd = fd_of(stream)  # a plain TCP socket: write it straight
     while True:
         end = count = 0
         emptied = False
@@ -268,10 +266,11 @@ def kernel_drops(sock: socket.socket) -> int:
     return int(_MEMINFO.unpack(meminfo)[8])
 
 
-def _fd_of(stream: trio.abc.Stream) -> int:
-    """The socket's descriptor, for a SocketStream; -1 for any other stream."""
-    sock = getattr(stream, "socket", None)
-    return sock.fileno() if sock is not None else -1
+def fd_of(stream: trio.abc.Stream) -> int:
+    """The socket's descriptor, for a plain SocketStream; -1 for any other stream. Only a
+    plain one may be read and written around Trio: under a wrapper such as TLS, the bytes
+    on the socket are the wrapper's, never the frames."""
+    return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
 
 async def receive_raw(fd: int) -> bytes:
