@@ -17,10 +17,10 @@ import trio
 from click.testing import CliRunner
 
 from udptunnel import cli
-from udptunnel.config import Config
+from udptunnel.config import Config, Mode
 from udptunnel.persist import Backoff, end_when_idle
 
-from .conftest import UDPTUNNEL, WAIT, Process, free_port, udp_socket
+from .conftest import UDPTUNNEL, WAIT, Process, free_even_port, free_port, udp_socket
 
 LOOPBACK = "127.0.0.1"
 FAST_RETRY = ["--reconnect-max", "0.5"]  # waits of 0.25-0.5 s: tests need no patience
@@ -291,6 +291,9 @@ def test_an_environment_file_configures_the_same_tunnel_as_the_command_line(
 def test_the_command_line_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     config, _ = configured(monkeypatch, ["--max-delay", "40"], environment(ENVIRONMENT_FILE))
     assert config.max_delay == 0.04
+    # -s on the command line overrides UDPTUNNEL_CLIENT too: one mode, the one typed.
+    config, _ = configured(monkeypatch, ["-s", "7000"], environment(ENVIRONMENT_FILE))
+    assert config.mode is Mode.SERVER and config.tcp.port == 7000
 
 
 def test_a_bad_environment_value_is_one_line_naming_the_variable(
@@ -340,6 +343,8 @@ def test_waits_double_from_half_a_second_up_to_the_cap_each_in_its_upper_half() 
     assert [lowest.next() for _ in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.5, 2.5]
     lowest.reset()
     assert lowest.attempt == 0 and lowest.next() == 0.25
+    waits = [lowest.next() for _ in range(5000)]  # a server down for days
+    assert waits[-1] == 2.5  # still at the cap
 
 
 async def test_an_idle_timeout_counts_from_the_last_traffic(autojump_clock: object) -> None:
@@ -353,3 +358,25 @@ async def test_an_idle_timeout_counts_from_the_last_traffic(autojump_clock: obje
         await trio.sleep(7)
         assert not ended
     assert 13 <= ended[0] <= 14
+
+
+def test_a_stray_first_connection_does_not_wedge_a_persistent_rtp_server(spawn: Spawn) -> None:
+    tcp, a_in, b_in = free_even_port(), free_even_port(), free_even_port()
+    app_port, behind_port = free_even_port(), free_even_port()
+    apps = [udp_socket(LOOPBACK, app_port + offset) for offset in (0, 1)]  # behind the client
+    behind = [udp_socket(LOOPBACK, behind_port + offset) for offset in (0, 1)]  # the server
+    server_udp = ["--udp-bind", f"{LOOPBACK}/{a_in}", f"{LOOPBACK}/{behind_port}"]
+    flags = ["-r", "--persist", "--connect-timeout", "0.5"]
+    server = spawn([UDPTUNNEL, "-v", *flags, "-s", str(tcp), *server_udp])
+    server.wait_for("Listening for TCP connections")
+    with socket.create_connection((LOOPBACK, tcp), timeout=WAIT) as stray:  # the RTP port only
+        server.wait_for(r"No second connection within 0\.5 s of 127\.0\.0\.1/\d+; closing it")
+        assert stray.recv(1) == b""  # closed in order
+    client_udp = ["--udp-bind", f"{LOOPBACK}/{b_in}", f"{LOOPBACK}/{app_port}"]
+    client = spawn([UDPTUNNEL, "-v", "-r", "-c", f"{LOOPBACK}/{tcp}", *client_udp])
+    client.wait_for("Connected TCP to", nth=2)
+    for offset in (0, 1):  # both port pairs work: the server went back to accepting
+        apps[offset].sendto(b"pair %d" % offset, (LOOPBACK, b_in + offset))
+        assert behind[offset].recv(100) == b"pair %d" % offset
+    for sock in apps + behind:
+        sock.close()

@@ -19,7 +19,9 @@ import trio.testing
 from udptunnel import tunnel
 from udptunnel.config import Address, Config, Mode
 from udptunnel.counters import Counters
+from udptunnel.errors import TunnelError
 from udptunnel.framing import Decoder, encode
+from udptunnel.sockets import Connections, connect
 from udptunnel.tunnel import Ready, run_tunnel
 
 from .conftest import WAIT as CEILING
@@ -200,3 +202,47 @@ async def test_host_names_resolve() -> None:
             assert await receive(b) == b"by name"
             assert client.tcp[0][0][:2] == (host, config.tcp.port)
             nursery.cancel_scope.cancel()
+
+
+async def test_an_address_that_drops_everything_does_not_keep_the_next_from_being_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_socket = trio.socket.socket
+
+    def no_ipv6_here(family: int, *args: Any) -> trio.socket.SocketType:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args)
+
+    monkeypatch.setattr(trio.socket, "socket", no_ipv6_here)
+    with (
+        socket.socket() as full,  # its accept queue full: the kernel ignores further SYNs
+        socket.create_server(("127.0.0.1", 0)) as good,
+        trio.fail_after(CEILING),
+    ):
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = socket.create_connection(full.getsockname(), timeout=CEILING)
+        addresses = [
+            (socket.AF_INET6, ("::1", 9, 0, 0)),  # no such family: the next one
+            (socket.AF_INET, full.getsockname()),  # silence: the next one after 0.3 s
+            (socket.AF_INET, good.getsockname()),
+        ]
+        connections = Connections()
+        started = trio.current_time()
+        _, address = await connect(connections, addresses, Address("h", 1), attempt_seconds=0.3)
+        assert address == good.getsockname()
+        assert 0.3 <= trio.current_time() - started < 0.3 + CEILING / 10
+        await connections.aclose()
+        queued.close()
+
+
+async def test_the_last_failure_is_named_when_no_address_answers() -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = socket.create_connection(full.getsockname(), timeout=CEILING)
+        addresses = [(socket.AF_INET, full.getsockname())]
+        with pytest.raises(TunnelError, match=r"^cannot connect to TCP h/1: no answer in 0.2 s$"):
+            await connect(Connections(), addresses, Address("h", 1), attempt_seconds=0.2)
+        queued.close()

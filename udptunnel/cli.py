@@ -241,6 +241,7 @@ def command(
     Every option can also be set in the environment variable shown with it, and the
     UDP-ADDR/UDP-PORT in UDPTUNNEL_UDP; the command line wins. SIGUSR1 logs the counters.
     """
+    servers, clients = _mode_from_the_command_line(servers, clients)
     if len(servers) + len(clients) > 1:
         raise _BadConfig("Only one of -s and -c may be specified.")
     try:
@@ -266,6 +267,20 @@ def command(
         raise _BadConfig(str(exc)) from exc
     _configure_logging(verbose)
     return run(config)
+
+
+def _mode_from_the_command_line(
+    servers: Sequence[str], clients: Sequence[str]
+) -> tuple[Sequence[str], Sequence[str]]:
+    """-s or -c on the command line overrides the other one's variable, as any option
+    overrides its own: an instance's file may say UDPTUNNEL_SERVER, a test run -c."""
+    source = click.get_current_context().get_parameter_source
+    typed = click.core.ParameterSource.COMMANDLINE
+    if source("clients") == typed and source("servers") != typed:
+        servers = ()
+    if source("servers") == typed and source("clients") != typed:
+        clients = ()
+    return servers, clients
 
 
 def run(config: Config) -> int:

@@ -259,17 +259,9 @@ class _FlowClient:
         with _accounted(who, self.counters, counters):
             async with Connections(self.config.keepalive) as connections:
                 try:
-                    stream = None
-                    with trio.move_on_after(self.config.connect_timeout):
-                        try:
-                            stream, _ = await connect(
-                                connections, self.tcp, self.config.relays[0].tcp
-                            )
-                        except OSError as exc:  # no socket to be had: out of descriptors
-                            raise TunnelError(f"cannot connect: {strerror(exc)}") from exc
-                    if stream is None:
-                        timeout = self.config.connect_timeout
-                        raise TunnelError(f"cannot connect: no answer in {timeout:g} s")
+                    share = self.config.connect_timeout / max(len(self.tcp), 1)
+                    label = self.config.relays[0].tcp
+                    stream, _ = await connect(connections, self.tcp, label, attempt_seconds=share)
                     log.info("Flow from %s: connected", who)
 
                     async def both_ways() -> None:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 FIRST_WAIT = 0.5  # seconds before the first retry
 DEFAULT_WAIT_MAX = 30.0  # seconds: the cap, unless the user sets another
 IDLE_LOOKS = 8  # looks at the counters per idle timeout: it ends at most 1/8 late
+DOUBLINGS_MAX = 32  # past this the cap rules anyway; more would overflow a float, in days
 STEADY_AFTER = 10.0  # seconds: a tunnel up this long was a success, and the waits start over
 
 
@@ -39,7 +40,7 @@ class Backoff:
 
     def next(self) -> float:
         """The next wait, in seconds."""
-        ceiling = min(self._cap, FIRST_WAIT * 2**self._attempt)
+        ceiling = min(self._cap, FIRST_WAIT * 2 ** min(self._attempt, DOUBLINGS_MAX))
         self._attempt += 1
         return float(ceiling * (0.5 + self._draw() / 2))
 

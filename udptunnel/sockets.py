@@ -218,9 +218,15 @@ def activated_listeners(
 
 
 async def connect(
-    connections: Connections, addresses: list[Resolved], label: Address
+    connections: Connections,
+    addresses: list[Resolved],
+    label: Address,
+    *,
+    attempt_seconds: float,
 ) -> tuple[trio.SocketStream, SockAddr]:
-    """Connect to the first address that answers; the stream is closed with ``connections``.
+    """Connect to the first address that answers, giving each ``attempt_seconds``: one that
+    drops everything (a broken IPv6 route, say) must not keep the others from being tried.
+    The stream is closed with ``connections``.
 
     Returns:
         The stream and the address it is connected to.
@@ -228,20 +234,29 @@ async def connect(
     Raises:
         TunnelError: naming the address and the last failure, if none answers.
     """
+    reason = "no address"
     failure: OSError | None = None
     for family, address in addresses:
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
-            await sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            failure = exc
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # no such family on this host, or out of descriptors
+            reason, failure = strerror(exc), exc
             continue
-        except BaseException:
+        with trio.move_on_after(attempt_seconds) as attempt:
+            try:
+                await sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                reason, failure = strerror(exc), exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+        if attempt.cancelled_caught:
             sock.close()
-            raise
+            reason, failure = f"no answer in {attempt_seconds:g} s", None
+            continue
         return connections.adopt(trio.SocketStream(sock)), address
-    reason = strerror(failure) if failure else "no address"
     raise TunnelError(f"cannot connect to TCP {label}: {reason}") from failure
 
 

@@ -129,7 +129,7 @@ def take_listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[
         environ.pop(variable, None)
     if pid != os.getpid() or count <= 0:
         return []
-    sockets = []
+    sockets: list[ListenSocket] = []
     for index in range(count):
         fd = LISTEN_FDS_START + index
         try:
@@ -137,8 +137,11 @@ def take_listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[
             listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         except OSError as exc:
             raise TunnelError(f"descriptor {fd} from systemd: {exc.strerror}") from exc
-        if sock.type != socket.SOCK_STREAM or not listening:
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        if not (tcp and listening):
             sock.detach()
+            for taken in sockets:
+                taken.sock.detach()  # systemd's, still: the process ends with this error
             raise TunnelError(f"descriptor {fd} from systemd is not a listening TCP socket")
         sock.set_inheritable(False)
         sockets.append(ListenSocket(sock, names[index] if index < len(names) else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import trio
 from .allow import SourceFilter
 from .config import Config, Mode, Relay
 from .counters import Counters
-from .errors import TunnelError, messages
+from .errors import ConfigError, TunnelError, messages
 from .flows import run_flows
 from .persist import STEADY_AFTER, Backoff, end_when_idle
 from .relay import UdpSockets, discard, kernel_drops, run_relay, run_then
@@ -148,14 +149,27 @@ class _Tunnel:
                 trio.open_nursery() as refusers,
             ):
                 async with self._discarding():
-                    streams = []
+                    streams: list[trio.SocketStream] = []
                     for listeners in listener_sets:
-                        streams.append(await _accept_first(connections, listeners))
-                        for listener in listeners:
-                            refusers.start_soon(_refuse_all, listener)
-                for stream in streams:  # now: the datagrams from here on are carried
-                    log.info("TCP connection from %s", peer(stream))
-                await self.carry(streams)
+                        # In RTP mode a persistent server gives the second connection the
+                        # connect timeout to come: a stray first one must not wedge it.
+                        second = streams and self.config.persist
+                        with trio.move_on_after(
+                            self.config.connect_timeout if second else math.inf
+                        ):
+                            streams.append(await _accept_first(connections, listeners))
+                            for listener in listeners:
+                                refusers.start_soon(_refuse_all, listener)
+                if len(streams) < len(listener_sets):
+                    log.warning(
+                        "No second connection within %g s of %s; closing it",
+                        self.config.connect_timeout,
+                        peer(streams[0]),
+                    )
+                else:
+                    for stream in streams:  # now: the datagrams from here on are carried
+                        log.info("TCP connection from %s", peer(stream))
+                    await self.carry(streams)
                 refusers.cancel_scope.cancel(reason="the tunnel ended")
             if not self.config.persist:
                 return
@@ -164,13 +178,14 @@ class _Tunnel:
         """Connect, carry, and when the tunnel ends or cannot be made, connect again after
         a growing wait; until cancelled."""
         backoff = Backoff(self.config.reconnect_max)
-        woken = False  # by a datagram after an idle end: it waits in the kernel meanwhile
+        attempts = 0
         while True:
             ended = "lost"
             async with Connections(self.config.keepalive) as connections:
-                try:
-                    async with self._discarding(unless=woken):
-                        connected = [await self.connect(connections, plan) for plan in plans]
+                try:  # datagrams meanwhile wait in the kernel's short queue, for this tunnel
+                    connected = [
+                        await self.connect(connections, plan, again=attempts > 0) for plan in plans
+                    ]
                 except* TunnelError as group:
                     for message in messages(group):
                         log.warning("%s", message)
@@ -180,8 +195,8 @@ class _Tunnel:
                     ended = await self.carry([stream for stream, _ in connected])
                     if trio.current_time() - up_since >= STEADY_AFTER:
                         backoff.reset()
-            woken = ended == "idle"
-            if woken:  # nothing to carry: connect again when something comes
+            attempts += 1
+            if ended == "idle":  # nothing to carry: connect again when something comes
                 self.counters.state = "idle, waiting for a datagram"
                 await _wait_for_datagram(self.udps)
                 backoff.reset()
@@ -194,14 +209,20 @@ class _Tunnel:
             self.counters.reconnects += 1
 
     async def connect(
-        self, connections: Connections, plan: _Plan
+        self, connections: Connections, plan: _Plan, *, again: bool = False
     ) -> tuple[trio.SocketStream, SockAddr]:
-        """Connect one relay's TCP connection, within the connect timeout."""
+        """Connect one relay's TCP connection within the connect timeout, shared among the
+        server's addresses. ``again``: resolve the server's name anew first, so that a
+        server that has moved is found (a failure to resolve is one more failed attempt)."""
         self.counters.state = f"connecting to {plan.relay.tcp}"
-        timeout = self.config.connect_timeout
-        with trio.move_on_after(timeout):
-            return await connect(connections, plan.tcp, plan.relay.tcp)
-        raise TunnelError(f"cannot connect to TCP {plan.relay.tcp}: no answer in {timeout:g} s")
+        addresses = plan.tcp
+        if again:
+            try:
+                addresses = await resolve(plan.relay.tcp, "TCP", socket.SOCK_STREAM)
+            except ConfigError as exc:  # it did resolve at the start: it may again
+                raise TunnelError(str(exc)) from exc
+        share = self.config.connect_timeout / max(len(addresses), 1)
+        return await connect(connections, addresses, plan.relay.tcp, attempt_seconds=share)
 
     async def carry(self, streams: list[trio.SocketStream]) -> str:
         """Run the relays over ``streams`` until the tunnel ends.
@@ -235,11 +256,11 @@ class _Tunnel:
         return ended
 
     @contextlib.asynccontextmanager
-    async def _discarding(self, *, unless: bool = False) -> AsyncIterator[None]:
-        """With ``persist``: while no tunnel is up, datagrams are dropped and counted rather
-        than left to wait. Without, as the original (or ``unless``): they wait in the
-        kernel's short queue."""
-        if unless or not self.config.persist:
+    async def _discarding(self) -> AsyncIterator[None]:
+        """With ``persist``: while waiting for a client, or between two attempts to connect,
+        datagrams are dropped and counted rather than left to wait. Without, as the
+        original: they wait in the kernel's short queue."""
+        if not self.config.persist:
             yield
             return
         async with trio.open_nursery() as nursery:
