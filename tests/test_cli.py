@@ -51,6 +51,11 @@ def assert_one_line(stderr: str, message: str) -> None:
 
 BAD_INPUT = [
     # (arguments, text the single line must contain)
+    (["--tls-ca", "ca.pem", "-c", "h", "h/5000"], "--tls-ca needs --tls: without it the tunnel"),
+    (["--tls", "--tls-cert", "c.pem", "-c", "h", "h/5000"], "--tls-cert and --tls-key go"),
+    (["--tls", "-s", "6000", "h/5000"], "A TLS server needs --tls-cert and --tls-key."),
+    (["--tls-server-name", "n", "-s", "6000", "h/5000"], "--tls-server-name is for a client"),
+    (["--tls", "--tls-ca", "/nonexistent/ca.pem", "-c", "h", "h/5000"], "cannot read TLS CA"),
     (["--flows", "-r", "-s", "6000", "h/5000"], "Flow mode (--flows) and RTP mode (-r) cannot"),
     (["--reuse-port", "-s", "6000", "h/5000"], "--reuse-port needs a flow-mode server"),
     (["--flows", "--reuse-port", "-c", "h", "h/5000"], "--reuse-port needs a flow-mode server"),

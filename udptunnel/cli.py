@@ -20,6 +20,7 @@ from . import __version__
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FLOW_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_DELAY,
     DEFAULT_MAX_FLOWS,
     DEFAULT_RECONNECT_MAX,
@@ -78,6 +79,13 @@ def _seconds(
     return _option(
         name, env=env, type=kind, default=default, show_default=shown, metavar="SECONDS", help=text
     )
+
+
+def _tls_file(name: str, text: str) -> Callable[[F], F]:
+    """An option naming a PEM file, which tls.py reads (and says why, if it cannot)."""
+    env = name.removeprefix("--").replace("-", "_").upper()
+    kind = click.Path(dir_okay=False, readable=False)
+    return _option(name, env=env, type=kind, metavar="FILE", help=text)
 
 
 @click.command(
@@ -211,6 +219,32 @@ def _seconds(
     help="In a flow-mode server: let other processes listen on the same TCP port "
     "(SO_REUSEPORT); the kernel spreads the connections among them.",
 )
+@_option(
+    "--tls",
+    is_flag=True,
+    env="TLS",
+    help="TLS 1.3 on the TCP connection. A client verifies the server's certificate (against "
+    "--tls-ca, or the system's CAs) and its name; a server needs --tls-cert and --tls-key.",
+)
+@_tls_file("--tls-cert", "The certificate chain (PEM) this end presents; TLS on, for a server.")
+@_tls_file("--tls-key", "The private key (PEM) of --tls-cert. Read once, at the start.")
+@_tls_file(
+    "--tls-ca",
+    "CA certificates (PEM) to verify the peer with: a client checks the server against these "
+    "alone; a server demands client certificates signed by them (mutual TLS).",
+)
+@_option(
+    "--tls-server-name",
+    metavar="NAME",
+    env="TLS_SERVER_NAME",
+    help="The name the server's certificate must carry, if not the host connected to.",
+)
+@_seconds(
+    "--handshake-timeout",
+    click.FloatRange(0.1, 600),
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    "Close a new connection that has not finished its TLS handshake in SECONDS.",
+)
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]", envvar=ENV + "UDP")
 def command(
@@ -230,6 +264,12 @@ def command(
     flow_timeout: float,
     allow_from: Sequence[str],
     reuse_port: bool,
+    tls: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_server_name: str | None,
+    handshake_timeout: float,
     udp: str,
 ) -> int:
     """Tunnel UDP datagrams both ways over one TCP connection.
@@ -262,6 +302,12 @@ def command(
             flow_timeout=flow_timeout,
             allow_from=allow_from,
             reuse_port=reuse_port,
+            tls=tls,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            tls_server_name=tls_server_name,
+            handshake_timeout=handshake_timeout,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc

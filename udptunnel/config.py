@@ -24,6 +24,7 @@ DEFAULT_MAX_DELAY = 0.01  # seconds a datagram may wait in a tunnel end: a media
 MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
 DEFAULT_MAX_FLOWS = 256  # flows at once in flow mode: each costs a TCP connection (and a socket)
 DEFAULT_FLOW_TIMEOUT = 60.0  # seconds without a datagram that end a flow
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has to complete its TLS handshake
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a client waits for the server to answer
 DEFAULT_RECONNECT_MAX = 30.0  # seconds: the longest wait between two attempts (--persist)
 
@@ -78,6 +79,19 @@ def _network(text: str, spec: str, *, strict: bool = False) -> _IPNetwork:
         return ipaddress.ip_network(spec, strict=strict)
     except ValueError as exc:
         raise ConfigError(f"{text!r}: not an IP address or network ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """TLS for the TCP connections: the certificate chain and key this end presents, the CA
+    certificates it verifies its peer against (a client: None means the system's store; a
+    server: None means no client certificate is asked for), and the name the server's
+    certificate must carry (a client: None means the host name it connects to)."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    server_name: str | None = None
 
 
 class Mode(enum.Enum):
@@ -136,6 +150,8 @@ class Config:
     flow_timeout: float = DEFAULT_FLOW_TIMEOUT
     allow_from: tuple[Rule, ...] = ()  # accepted UDP sources; empty: everyone
     reuse_port: bool = False  # let several flow-mode servers share the TCP port
+    tls: TlsFiles | None = None  # None: plain TCP, the original's wire format
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -145,6 +161,46 @@ class Config:
             Relay(self.tcp.shifted(i), self.udp.shifted(i), self.udp_bind.shifted(i))
             for i in range(count)
         )
+
+
+def _tls_files(
+    mode: Mode,
+    tls: bool,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    server_name: str | None,
+) -> TlsFiles | None:
+    """Whether this end uses TLS, and with what; never plain TCP when a TLS file is named.
+
+    Raises:
+        ConfigError: a TLS option that would be ignored, or one missing.
+    """
+    named = [
+        option
+        for option, value in (
+            ("--tls-cert", cert),
+            ("--tls-key", key),
+            ("--tls-ca", ca),
+            ("--tls-server-name", server_name),
+        )
+        if value is not None
+    ]
+    if mode is Mode.SERVER:
+        if server_name is not None:
+            raise ConfigError("--tls-server-name is for a client (-c --tls)")
+        if not (tls or named):
+            return None
+        if cert is None or key is None:
+            raise ConfigError("A TLS server needs --tls-cert and --tls-key.")
+    else:
+        if not tls:
+            if named:
+                raise ConfigError(f"{named[0]} needs --tls: without it the tunnel is plain TCP")
+            return None
+        if (cert is None) != (key is None):
+            raise ConfigError("--tls-cert and --tls-key go together.")
+    return TlsFiles(cert, key, ca, server_name)
 
 
 def parse_port(text: str) -> int:
@@ -280,6 +336,12 @@ def build_config(
     flow_timeout: float = DEFAULT_FLOW_TIMEOUT,
     allow_from: Sequence[str] = (),
     reuse_port: bool = False,
+    tls: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
 
@@ -293,6 +355,9 @@ def build_config(
         persist, reconnect_max, keepalive, idle_timeout, connect_timeout, flows,
             max_flows, flow_timeout, reuse_port: as in Config.
         allow_from: the ``--allow-from`` values, parsed by ``parse_rule``.
+        tls, tls_cert, tls_key, tls_ca, tls_server_name: ``--tls`` and its files; a server
+            uses TLS when given a certificate, a client when given ``--tls``.
+        handshake_timeout: seconds a connection has for its TLS handshake.
 
     Raises:
         ConfigError: with the original's wording where it had one.
@@ -327,6 +392,8 @@ def build_config(
         flow_timeout=flow_timeout,
         allow_from=tuple(parse_rule(rule) for rule in allow_from),
         reuse_port=reuse_port,
+        tls=_tls_files(mode, tls, tls_cert, tls_key, tls_ca, tls_server_name),
+        handshake_timeout=handshake_timeout,
     )
     if flows and rtp:
         raise ConfigError("Flow mode (--flows) and RTP mode (-r) cannot be combined.")

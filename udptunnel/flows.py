@@ -32,7 +32,7 @@ from .counters import Counters
 from .errors import TunnelError, messages
 from .framing import HEADER, MAX_DATAGRAM, Decoder
 from .persist import end_when_idle
-from .relay import UdpSockets, receive_raw, run_relay
+from .relay import UdpSockets, fd_of, reader, run_relay
 from .sockets import (
     Connections,
     Resolved,
@@ -42,9 +42,11 @@ from .sockets import (
     listen,
     peer,
     refuse,
+    reset,
     show,
     strerror,
 )
+from .tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ async def run_flows(
     udp: Resolved,
     udp_bind: Resolved,
     sources: SourceFilter,
+    tls: Tls | None,
     ready: Callable[[list[SockAddr], list[SockAddr]], object],
 ) -> None:
     """Run a flow-mode end until cancelled.
@@ -78,7 +81,7 @@ async def run_flows(
             log.info("Listening for TCP connections on port %d (flows)", port)
             counters.state = "serving flows"
             ready([lst.socket.getsockname() for lst in listeners], [])
-            server = _FlowServer(config, counters, udp, sources)
+            server = _FlowServer(config, counters, udp, sources, tls)
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
                     nursery.start_soon(server.accept_all, listener, nursery)
@@ -87,7 +90,7 @@ async def run_flows(
             log.info("Receiving flows on UDP %s", show(sock.getsockname()))
             counters.state = "receiving flows"
             ready([], [sock.getsockname()])
-            client = _FlowClient(config, counters, tcp, sock, sources)
+            client = _FlowClient(config, counters, tcp, sock, sources, tls)
             await client.run()
 
 
@@ -95,9 +98,15 @@ class _FlowServer:
     """Each accepted connection a flow, with a UDP socket of its own."""
 
     def __init__(
-        self, config: Config, counters: Counters, udp: Resolved, sources: SourceFilter
+        self,
+        config: Config,
+        counters: Counters,
+        udp: Resolved,
+        sources: SourceFilter,
+        tls: Tls | None,
     ) -> None:
         self.config, self.counters, self.udp, self.sources = config, counters, udp, sources
+        self.tls = tls
 
     async def accept_all(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -108,17 +117,28 @@ class _FlowServer:
                 continue
             nursery.start_soon(self.serve, stream, self.counters.child())
 
+    async def _secure(self, stream: trio.SocketStream) -> trio.abc.Stream:
+        """The connection in TLS; a failed handshake resets it (so that a TLS 1.3 client,
+        which may think it got in, learns otherwise) and ends the flow."""
+        assert self.tls is not None
+        try:
+            return await self.tls.secure(stream, None)
+        except TunnelError:
+            reset(stream)
+            raise
+
     async def serve(self, stream: trio.SocketStream, counters: Counters) -> None:
         """One flow, from its connection's start to its end."""
         who = peer(stream)
         with _accounted(who, self.counters, counters):
             async with Connections(self.config.keepalive) as connections:
                 connections.adopt(stream)  # closed in order however the flow ends
+                secured = stream if self.tls is None else await self._secure(stream)
                 with _open_udp(self.udp, bind=False) as sock:
                     log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
                     udp = UdpSockets(sock, sock, frozenset(), self.sources)
                     relay = partial(
-                        run_relay, stream, udp, counters, max_delay=self.config.max_delay
+                        run_relay, secured, udp, counters, max_delay=self.config.max_delay
                     )
                     await _until_idle(relay, counters, self.config.flow_timeout)
 
@@ -170,7 +190,7 @@ class _Outbox:
         self.waiting_bytes += len(datagram)
         self._wake.unpark()
 
-    async def write(self, stream: trio.SocketStream) -> None:
+    async def write(self, stream: trio.abc.Stream) -> None:
         """The flow's writer: send what has gathered, as it gathers, until cancelled."""
         while True:
             while not self.frames:
@@ -207,9 +227,10 @@ class _FlowClient:
         tcp: list[Resolved],
         sock: socket.socket,
         sources: SourceFilter,
+        tls: Tls | None,
     ) -> None:
         self.config, self.counters, self.tcp, self.sock = config, counters, tcp, sock
-        self.sources = sources
+        self.sources, self.tls = sources, tls
         self.flows: dict[tuple[str, int], _Outbox] = {}
         self.verbose = log.isEnabledFor(logging.DEBUG)
 
@@ -261,13 +282,14 @@ class _FlowClient:
                 try:
                     share = self.config.connect_timeout / max(len(self.tcp), 1)
                     label = self.config.relays[0].tcp
-                    stream, _ = await connect(connections, self.tcp, label, attempt_seconds=share)
+                    raw, _ = await connect(connections, self.tcp, label, attempt_seconds=share)
+                    stream = raw if self.tls is None else await self.tls.secure(raw, label.host)
                     log.info("Flow from %s: connected", who)
 
                     async def both_ways() -> None:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(outbox.write, stream)
-                            outbox.fd = stream.socket.fileno()
+                            outbox.fd = fd_of(stream)  # plain TCP only: TLS must see it all
                             await self._to_udp(stream, address, counters)
                             nursery.cancel_scope.cancel(reason="the peer closed the connection")
 
@@ -279,13 +301,11 @@ class _FlowClient:
                     if self.flows.get(source) is outbox:
                         del self.flows[source]
 
-    async def _to_udp(
-        self, stream: trio.SocketStream, address: SockAddr, counters: Counters
-    ) -> None:
+    async def _to_udp(self, stream: trio.abc.Stream, address: SockAddr, counters: Counters) -> None:
         """Send every frame from the connection back to the flow's source."""
         decoder = Decoder()
-        fd = stream.socket.fileno()
-        while data := await receive_raw(fd):
+        receive = reader(stream)
+        while data := await receive():
             for frame in decoder.feed(data):
                 await self._send_to(frame, address, counters)
 

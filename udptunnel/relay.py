@@ -108,8 +108,8 @@ async def tcp_to_udp(
     decoder = Decoder()
     backlog = Backlog(stream)
     sender = UdpSender(udp.send, counters)
-    receive = partial(receive_raw, fd_of(stream)) if fd_of(stream) >= 0 else None
-    while data := await (receive() if receive else _receive(stream)):
+    receive = reader(stream)
+    while data := await receive():
         started = time.monotonic()
         frames = decoder.feed(data)
         # Only a full read is a sign of backlog: a short one emptied the kernel's queue.
@@ -290,6 +290,16 @@ async def receive_raw(fd: int) -> bytes:
         if not waited:  # data was there at once: let the other direction, and cancellation, in
             await trio.lowlevel.checkpoint()
         return data
+
+
+def reader(stream: trio.abc.Stream) -> Callable[[], Awaitable[bytes | bytearray]]:
+    """How to read ``stream``: straight from the socket if it is a plain one, else through
+    the stream (TLS); either way b"" at its end.
+
+    The reader raises TunnelError if the connection breaks.
+    """
+    fd = fd_of(stream)
+    return partial(receive_raw, fd) if fd >= 0 else partial(_receive, stream)
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:

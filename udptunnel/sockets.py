@@ -330,6 +330,12 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
 def refuse(stream: trio.SocketStream) -> None:
     """Reset the connection at once, so that the client knows it was refused."""
     log.info("Refused TCP connection from %s: tunnel busy", peer(stream))
+    reset(stream)
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Close with a reset (linger 0): the peer's next read or write fails, so that it can
+    tell a refusal from an orderly end."""
     with contextlib.suppress(OSError):
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
     stream.socket.close()

@@ -37,10 +37,12 @@ from .sockets import (
     open_udp,
     peer,
     refuse,
+    reset,
     resolve,
     show,
 )
 from .systemd import take_listen_sockets
+from .tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ async def run_tunnel(
         TunnelError: a socket cannot be set up (address in use, connection refused, ...), or
             the TCP connection breaks; with ``persist``, only the first kind.
     """
+    tls = Tls(config.tls, config.mode, config.handshake_timeout) if config.tls else None
     plans = [await _resolve(relay, config) for relay in config.relays]
     sources = SourceFilter(config.allow_from)
     if config.flows:
@@ -95,7 +98,7 @@ async def run_tunnel(
         def ready(tcp: list[SockAddr], udp: list[SockAddr]) -> None:
             task_status.started(Ready([tcp], udp))
 
-        await run_flows(config, counters, plan.tcp, plan.udp, plan.udp_bind, sources, ready)
+        await run_flows(config, counters, plan.tcp, plan.udp, plan.udp_bind, sources, tls, ready)
         return
     with contextlib.ExitStack() as udp_stack:
         udps = [
@@ -112,7 +115,7 @@ async def run_tunnel(
         for udp in udps:  # closed by udp_stack later: count its drops until then
             udp_stack.callback(counters.watch_overflow(partial(kernel_drops, udp.receive)))
         udp_addresses = [udp.receive.getsockname() for udp in udps]
-        tunnel = _Tunnel(config, counters, udps)
+        tunnel = _Tunnel(config, counters, udps, tls)
         if config.mode is Mode.SERVER:
             async with contextlib.AsyncExitStack() as stack:
                 listener_sets = await _listen_all(stack, plans)
@@ -134,16 +137,20 @@ class _Tunnel:
     """Establishes tunnels over one set of UDP sockets, and carries datagrams through them:
     once, or again and again with ``config.persist``."""
 
-    def __init__(self, config: Config, counters: Counters, udps: list[UdpSockets]) -> None:
+    def __init__(
+        self, config: Config, counters: Counters, udps: list[UdpSockets], tls: Tls | None
+    ) -> None:
         self.config = config
         self.counters = counters
         self.udps = udps
+        self.tls = tls
 
     async def serve(self, listener_sets: list[list[trio.SocketListener]]) -> None:
         """Take one connection per relay, refuse the rest while the tunnel runs; with
         ``persist``, then go back to accepting."""
         while True:
             self.counters.state = "waiting for a client"
+            served = False
             async with (
                 Connections(self.config.keepalive) as connections,
                 trio.open_nursery() as refusers,
@@ -166,13 +173,30 @@ class _Tunnel:
                         self.config.connect_timeout,
                         peer(streams[0]),
                     )
-                else:
+                elif (secured := await self._secure(streams)) is not None:
                     for stream in streams:  # now: the datagrams from here on are carried
                         log.info("TCP connection from %s", peer(stream))
-                    await self.carry(streams)
+                    await self.carry(secured)
+                    served = True
                 refusers.cancel_scope.cancel(reason="the tunnel ended")
-            if not self.config.persist:
+            if served and not self.config.persist:
                 return
+
+    async def _secure(self, streams: list[trio.SocketStream]) -> list[trio.abc.Stream] | None:
+        """The accepted connections in TLS, if this end uses it; None if a handshake failed
+        (it is logged, and the server goes back to accepting: a stranger ends nothing)."""
+        if self.tls is None:
+            return list(streams)
+        secured = []
+        for stream in streams:
+            try:
+                secured.append(await self.tls.secure(stream, None))
+            except TunnelError as exc:
+                log.warning("Closed TCP connection from %s: %s", peer(stream), exc)
+                for accepted in streams:
+                    reset(accepted)  # refused: in TLS 1.3 the client may think it got in
+                return None
+        return secured
 
     async def keep_connected(self, plans: list[_Plan]) -> None:
         """Connect, carry, and when the tunnel ends or cannot be made, connect again after
@@ -210,7 +234,7 @@ class _Tunnel:
 
     async def connect(
         self, connections: Connections, plan: _Plan, *, again: bool = False
-    ) -> tuple[trio.SocketStream, SockAddr]:
+    ) -> tuple[trio.abc.Stream, SockAddr]:
         """Connect one relay's TCP connection within the connect timeout, shared among the
         server's addresses. ``again``: resolve the server's name anew first, so that a
         server that has moved is found (a failure to resolve is one more failed attempt)."""
@@ -222,9 +246,14 @@ class _Tunnel:
             except ConfigError as exc:  # it did resolve at the start: it may again
                 raise TunnelError(str(exc)) from exc
         share = self.config.connect_timeout / max(len(addresses), 1)
-        return await connect(connections, addresses, plan.relay.tcp, attempt_seconds=share)
+        stream, address = await connect(
+            connections, addresses, plan.relay.tcp, attempt_seconds=share
+        )
+        if self.tls is None:
+            return stream, address
+        return await self.tls.secure(stream, plan.relay.tcp.host), address
 
-    async def carry(self, streams: list[trio.SocketStream]) -> str:
+    async def carry(self, streams: list[trio.abc.Stream]) -> str:
         """Run the relays over ``streams`` until the tunnel ends.
 
         Returns:
@@ -232,7 +261,7 @@ class _Tunnel:
             (broken; only with ``persist``, which logs it instead of raising).
         """
         self.counters.tunnels += 1
-        self.counters.state = "tunnel up with " + ", ".join(peer(stream) for stream in streams)
+        self.counters.state = "tunnel up with " + ", ".join(map(_peer, streams))
         ended = "closed"
         try:
             async with trio.open_nursery() as nursery:
@@ -270,7 +299,14 @@ class _Tunnel:
             nursery.cancel_scope.cancel(reason="a tunnel is up")
 
 
-def _log_connected(connected: list[tuple[trio.SocketStream, SockAddr]]) -> None:
+def _peer(stream: trio.abc.Stream) -> str:
+    """Who is at the other end of a connection, in TLS or not."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return peer(stream) if isinstance(stream, trio.SocketStream) else "?"
+
+
+def _log_connected(connected: list[tuple[trio.abc.Stream, SockAddr]]) -> None:
     for _, address in connected:
         log.info("Connected TCP to %s", show(address))
 
@@ -349,7 +385,7 @@ async def _refuse_all(listener: trio.SocketListener) -> None:
 
 
 async def _run_relays(
-    streams: list[trio.SocketStream],
+    streams: list[trio.abc.Stream],
     udps: list[UdpSockets],
     counters: Counters,
     max_delay: float,

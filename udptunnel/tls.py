@@ -1,0 +1,148 @@
+"""TLS for the tunnel's TCP connections: the standard library's ssl under ``trio.SSLStream``.
+
+Plain TCP stays the default, byte for byte the original's wire format. With TLS, every
+connection is TLS 1.3 (nothing older is offered or accepted), the client always verifies
+the server's certificate and name, and a server given a CA demands a client certificate
+signed by it (mutual TLS). There is no switch that turns verification off.
+
+The contexts are built once, at the start, from the files named on the command line: keys
+are read then and never again, and never logged. A file that cannot be read is a clear
+configuration error, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+import trio
+
+from .config import Mode, TlsFiles
+from .errors import ConfigError, TunnelError
+
+log = logging.getLogger(__name__)
+
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_3
+
+
+class Tls:
+    """One tunnel end's TLS: its context, built once, and the handshake that every new
+    connection must complete within the handshake timeout before it carries anything."""
+
+    def __init__(self, files: TlsFiles, mode: Mode, handshake_timeout: float) -> None:
+        self.server_side = mode is Mode.SERVER
+        self.context = server_context(files) if self.server_side else client_context(files)
+        self.server_name = files.server_name
+        self.handshake_timeout = handshake_timeout
+
+    async def secure(self, stream: trio.SocketStream, host: str | None) -> trio.abc.Stream:
+        """``stream`` wrapped in TLS, once the handshake is done; a client checks that the
+        server's certificate names ``--tls-server-name`` or else ``host``.
+
+        Raises:
+            TunnelError: the handshake failed or did not finish in time.
+        """
+        name = None if self.server_side else (self.server_name or host)
+        with trio.move_on_after(self.handshake_timeout):
+            return await handshake(stream, self.context, server_name=name)
+        raise TunnelError(f"TLS handshake unfinished after {self.handshake_timeout:g} s")
+
+
+def server_context(files: TlsFiles) -> ssl.SSLContext:
+    """The server's context: its certificate, and with a CA, mutual TLS.
+
+    Raises:
+        ConfigError: a file is missing, unreadable or not what it should be.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MINIMUM_VERSION
+    if files.cert is None or files.key is None:
+        raise ConfigError("A TLS server needs --tls-cert and --tls-key.")
+    _load_chain(context, Path(files.cert), Path(files.key))
+    if files.ca is not None:
+        _load_ca(context, Path(files.ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(files: TlsFiles) -> ssl.SSLContext:
+    """The client's context: the server verified against the CA or the system's store,
+    its name checked; our certificate presented if we have one.
+
+    Raises:
+        ConfigError: a file is missing, unreadable or not what it should be.
+    """
+    if files.ca is None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # the system's store
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # this CA only; names checked
+        _load_ca(context, Path(files.ca))
+    context.minimum_version = MINIMUM_VERSION
+    if files.cert is not None and files.key is not None:
+        _load_chain(context, Path(files.cert), Path(files.key))
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    for path, what in ((cert, "certificate"), (key, "key")):
+        _check_readable(path, what)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{cert}, {key}: not a TLS certificate and its private key ({exc.reason})"
+        ) from exc
+
+
+def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
+    _check_readable(ca, "CA certificates")
+    try:
+        context.load_verify_locations(cafile=ca)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{ca}: no CA certificate in it ({exc.reason})") from exc
+
+
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS {what} {path}: {exc.strerror}") from exc
+
+
+async def handshake(
+    stream: trio.abc.Stream, context: ssl.SSLContext, *, server_name: str | None
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Wrap ``stream`` in TLS and shake hands: as the server when ``server_name`` is None,
+    else as a client that checks the server's certificate carries that name.
+
+    Raises:
+        TunnelError: the peer is not who it must be, or does not speak TLS 1.3.
+    """
+    # https_compatible: a connection ends with the transport's end, not a close_notify
+    # alert, so that either end can close in order, reading to the other's end (see
+    # sockets.Connections), without its kernel resetting data still on the way.
+    wrapped = trio.SSLStream(
+        stream,
+        context,
+        server_side=server_name is None,
+        server_hostname=server_name,
+        https_compatible=True,
+    )
+    try:
+        await wrapped.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise TunnelError(f"TLS handshake failed: {_reason(exc)}") from exc
+    return wrapped
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return cause.verify_message or "certificate verify failed"
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause or exc) or "the connection closed"
