@@ -23,6 +23,7 @@ from .config import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_DELAY,
     DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_HANDSHAKES,
     DEFAULT_RECONNECT_MAX,
     Config,
     build_config,
@@ -78,6 +79,15 @@ def _seconds(
     shown = default is not None
     return _option(
         name, env=env, type=kind, default=default, show_default=shown, metavar="SECONDS", help=text
+    )
+
+
+def _limit(name: str, default: int, text: str) -> Callable[[F], F]:
+    """An option counting things at once, 1 to 100,000."""
+    env = name.removeprefix("--").replace("-", "_").upper()
+    kind = click.IntRange(1, 100_000)
+    return _option(
+        name, env=env, type=kind, default=default, show_default=True, metavar="N", help=text
     )
 
 
@@ -189,14 +199,10 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
     "its replies back (request/response traffic, many clients). The client receives on "
     "UDP-ADDR/UDP-PORT; the server sends each flow from a socket of its own.",
 )
-@_option(
+@_limit(
     "--max-flows",
-    type=click.IntRange(1, 100_000),
-    default=DEFAULT_MAX_FLOWS,
-    show_default=True,
-    metavar="N",
-    env="MAX_FLOWS",
-    help="In flow mode: at most N flows at once; further sources or connections are refused.",
+    DEFAULT_MAX_FLOWS,
+    "In flow mode: at most N flows at once; further sources or connections are refused.",
 )
 @_seconds(
     "--flow-timeout",
@@ -243,7 +249,14 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
     "--handshake-timeout",
     click.FloatRange(0.1, 600),
     DEFAULT_HANDSHAKE_TIMEOUT,
-    "Close a new connection that has not finished its TLS handshake in SECONDS.",
+    "Close a new connection that has not finished its TLS handshake in SECONDS (a flow-mode "
+    "server: in plain TCP, that has not sent its first frame).",
+)
+@_limit(
+    "--max-handshakes",
+    DEFAULT_MAX_HANDSHAKES,
+    "Flow-mode server: at most N connections at once that have not finished their TLS "
+    "handshake (or, in plain TCP, sent their first frame); a newer one pushes out the oldest.",
 )
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]", envvar=ENV + "UDP")
@@ -270,6 +283,7 @@ def command(
     tls_ca: str | None,
     tls_server_name: str | None,
     handshake_timeout: float,
+    max_handshakes: int,
     udp: str,
 ) -> int:
     """Tunnel UDP datagrams both ways over one TCP connection.
@@ -308,6 +322,7 @@ def command(
             tls_ca=tls_ca,
             tls_server_name=tls_server_name,
             handshake_timeout=handshake_timeout,
+            max_handshakes=max_handshakes,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc

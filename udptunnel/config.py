@@ -24,6 +24,7 @@ DEFAULT_MAX_DELAY = 0.01  # seconds a datagram may wait in a tunnel end: a media
 MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
 DEFAULT_MAX_FLOWS = 256  # flows at once in flow mode: each costs a TCP connection (and a socket)
 DEFAULT_FLOW_TIMEOUT = 60.0  # seconds without a datagram that end a flow
+DEFAULT_MAX_HANDSHAKES = 128  # connections still proving themselves, past which the oldest go
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has to complete its TLS handshake
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds a client waits for the server to answer
 DEFAULT_RECONNECT_MAX = 30.0  # seconds: the longest wait between two attempts (--persist)
@@ -152,6 +153,7 @@ class Config:
     reuse_port: bool = False  # let several flow-mode servers share the TCP port
     tls: TlsFiles | None = None  # None: plain TCP, the original's wire format
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # flow server: unproven connections at once
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -342,6 +344,7 @@ def build_config(
     tls_ca: str | None = None,
     tls_server_name: str | None = None,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
 
@@ -394,6 +397,7 @@ def build_config(
         reuse_port=reuse_port,
         tls=_tls_files(mode, tls, tls_cert, tls_key, tls_ca, tls_server_name),
         handshake_timeout=handshake_timeout,
+        max_handshakes=max_handshakes,
     )
     if flows and rtp:
         raise ConfigError("Flow mode (--flows) and RTP mode (-r) cannot be combined.")

@@ -107,6 +107,7 @@ class _FlowServer:
     ) -> None:
         self.config, self.counters, self.udp, self.sources = config, counters, udp, sources
         self.tls = tls
+        self.unproven = _Unproven(config.max_handshakes)
 
     async def accept_all(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -128,19 +129,80 @@ class _FlowServer:
             raise
 
     async def serve(self, stream: trio.SocketStream, counters: Counters) -> None:
-        """One flow, from its connection's start to its end."""
+        """One flow, from its connection's start to its end.
+
+        Until the connection has proved itself (its TLS handshake done, or in plain TCP its
+        first frame come) it is one of the unproven: it has ``--handshake-timeout`` to do so,
+        and may be pushed out by newer ones past ``--max-handshakes``. Either way it is
+        reset, and nothing it sent has reached UDP.
+        """
         who = peer(stream)
         with _accounted(who, self.counters, counters):
             async with Connections(self.config.keepalive) as connections:
                 connections.adopt(stream)  # closed in order however the flow ends
-                secured = stream if self.tls is None else await self._secure(stream)
-                with _open_udp(self.udp, bind=False) as sock:
-                    log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
-                    udp = UdpSockets(sock, sock, frozenset(), self.sources)
-                    relay = partial(
-                        run_relay, secured, udp, counters, max_delay=self.config.max_delay
-                    )
-                    await _until_idle(relay, counters, self.config.flow_timeout)
+                proved = trio.Event()
+                with trio.CancelScope() as flow:
+                    self.unproven.add(flow)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._deadline, proved, flow, who)
+                            await self._carry(stream, counters, who, proved)
+                            nursery.cancel_scope.cancel(reason="the flow ended")
+                    finally:
+                        self.unproven.discard(flow)
+                if flow.cancelled_caught and not proved.is_set():
+                    reset(stream)  # too late or pushed out: no orderly goodbye for it
+
+    async def _carry(
+        self, stream: trio.SocketStream, counters: Counters, who: str, proved: trio.Event
+    ) -> None:
+        secured: trio.abc.Stream = stream
+        if self.tls is not None:
+            secured = await self._secure(stream)
+            proved.set()
+        with _open_udp(self.udp, bind=False) as sock:
+            log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
+            udp = UdpSockets(sock, sock, frozenset(), self.sources)
+            relay = partial(
+                run_relay,
+                secured,
+                udp,
+                counters,
+                max_delay=self.config.max_delay,
+                first_frame=proved.set,
+            )
+            await _until_idle(relay, counters, self.config.flow_timeout)
+
+    async def _deadline(self, proved: trio.Event, flow: trio.CancelScope, who: str) -> None:
+        """End a connection that has not proved itself in time; forget it once it has."""
+        timeout = self.config.handshake_timeout
+        with trio.move_on_after(timeout):
+            await proved.wait()
+            self.unproven.discard(flow)
+            return
+        log.info("Closed TCP connection from %s: nothing useful in %g s", who, timeout)
+        flow.cancel(reason="no handshake or frame in time")
+
+
+class _Unproven:
+    """Connections that have not yet proved themselves, oldest first. Past the limit, the
+    oldest is reset to make room: a crowd of stalled connections can occupy the server's
+    attention for at most the handshake timeout, and cannot keep a newcomer out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._waiting: dict[trio.CancelScope, None] = {}  # in order of arrival
+
+    def add(self, flow: trio.CancelScope) -> None:
+        """A new connection; the oldest are ended (their tasks reset them) past the limit."""
+        while len(self._waiting) >= self.limit:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel(reason="pushed out by newer connections")
+        self._waiting[flow] = None
+
+    def discard(self, flow: trio.CancelScope) -> None:
+        self._waiting.pop(flow, None)
 
 
 class _Outbox:

@@ -73,6 +73,7 @@ async def run_relay(
     counters: Counters,
     *,
     max_delay: float,
+    first_frame: Callable[[], object] | None = None,
 ) -> None:
     """Carry datagrams both ways until the TCP peer closes the connection.
 
@@ -81,13 +82,15 @@ async def run_relay(
         udp: the UDP sockets of this port pair.
         counters: updated as datagrams pass or are dropped.
         max_delay: seconds a frame from TCP may wait here before it is dropped as too late.
+        first_frame: called once, when the first whole frame has come from TCP.
 
     Raises:
         TunnelError: if the TCP connection breaks (reset, or a write to a closed peer).
     """
     async with trio.open_nursery() as nursery:
         stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
-        nursery.start_soon(run_then, stop, partial(tcp_to_udp, stream, udp, counters, max_delay))
+        to_udp = partial(tcp_to_udp, stream, udp, counters, max_delay, first_frame)
+        nursery.start_soon(run_then, stop, to_udp)
         nursery.start_soon(udp_to_tcp, udp, stream, counters)
 
 
@@ -98,7 +101,11 @@ async def run_then(stop: Callable[[], object], run: Callable[[], Awaitable[objec
 
 
 async def tcp_to_udp(
-    stream: trio.abc.Stream, udp: UdpSockets, counters: Counters, max_delay: float
+    stream: trio.abc.Stream,
+    udp: UdpSockets,
+    counters: Counters,
+    max_delay: float,
+    first_frame: Callable[[], object] | None = None,
 ) -> None:
     """Send every complete frame from the TCP stream as a UDP datagram; return at EOF.
 
@@ -112,6 +119,9 @@ async def tcp_to_udp(
     while data := await receive():
         started = time.monotonic()
         frames = decoder.feed(data)
+        if first_frame and frames:
+            first_frame()
+            first_frame = None
         # Only a full read is a sign of backlog: a short one emptied the kernel's queue.
         busy = len(data) == TCP_RECEIVE_SIZE
         if busy and (excess := backlog.excess(len(data), max_delay)) > 0:
