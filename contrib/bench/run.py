@@ -115,11 +115,13 @@ class Scenario:
     quick_seconds: float  # ... and with --quick
     kind: str = "plain"  # capacity, overload, flood, burst, freeze, steady, soak, sweep
     tunnels_only: bool = False  # measures tunnel processes: nothing to see with "kernel"
+    ours_only: bool = False  # a feature the original does not have
     minimum: float = 0.0  # seconds: never shorter than this, whatever --duration says
     # Capacity varies by 20-30% from one run to the next on a shared VM, the original's as
     # much as ours: each subject runs this many rounds, interleaved, and the median counts.
     rounds: int = 1
     flow_mode: bool = False  # our tunnel ends run with --flows (the original cannot)
+    tls: bool = False  # our tunnel ends run with TLS: ours only, next to the plain scenario
 
 
 A_B, B_A = "A", "B"
@@ -209,6 +211,29 @@ SCENARIOS.append(
         flow_mode=True,
     )
 )
+SCENARIOS += [
+    Scenario(
+        "tls-capacity-1400",
+        "closed loop, 64 in flight, 1400 B, over TLS 1.3 (ours only)",
+        (Flow(A_B, 1400, window=64),),
+        10,
+        2,
+        kind="capacity",
+        tls=True,
+        tunnels_only=True,
+        ours_only=True,
+    ),
+    Scenario(
+        "tls-paced-1200",
+        "1200 B at 1,000/s, over TLS 1.3 (ours only)",
+        (Flow(A_B, 1200, rate=1000),),
+        10,
+        2,
+        tls=True,
+        tunnels_only=True,
+        ours_only=True,
+    ),
+]
 SWEEP = Scenario("sweep", "200 B paced at rising rates (the plot)", (), 5, 1, kind="sweep")
 NAMES = [s.name for s in SCENARIOS] + [SWEEP.name]
 
@@ -424,19 +449,33 @@ class Tunnels:
 
 
 def start_tunnels(
-    children: Children, chain: Chain, program: str, pin: list[str], *, flows: bool = False
+    children: Children,
+    chain: Chain,
+    program: str,
+    pin: list[str],
+    *,
+    flows: bool = False,
+    tls: Path | None = None,
 ) -> Tunnels:
     """Server end in tunA, client end in tunB, as in tests/test_netns.py; ready to relay.
 
     Ready means: the server listens, the client is connected, the server has accepted, and
     both UDP ports are bound (the original client binds only after it reports the connection).
     With ``flows`` (ours only), both ends run in flow mode: the client receives on tunB's
-    port, and connects once per source when the traffic starts.
+    port, and connects once per source when the traffic starts. With ``tls`` (a directory
+    from ``make_certificates``, ours only), the connection is TLS 1.3 with mutual
+    authentication.
     """
     mode = ["--flows"] if flows else []
+    server_tls, client_tls = [], []
+    if tls:
+        server_tls = ["--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key")]
+        server_tls += ["--tls-ca", str(tls / "ca.pem")]
+        client_tls = ["--tls", "--tls-ca", str(tls / "ca.pem")]
+        client_tls += ["--tls-cert", str(tls / "client.pem"), "--tls-key", str(tls / "client.key")]
+    serve = ["-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"]
     server = children.spawn(
-        [*chain.tun_a.prefix, *pin, program, "-v", *mode, "-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"],
-        read="stderr",
+        [*chain.tun_a.prefix, *pin, program, "-v", *mode, *server_tls, *serve], read="stderr"
     )
     server.wait_for(rf"Listening for TCP connections on port {TCP_PORT}( \(flows\))?$")
     client = children.spawn(
@@ -446,6 +485,7 @@ def start_tunnels(
             program,
             "-v",
             *([*mode, "--udp-bind", f"{TUN_B_LAN}/{PORT_B}"] if flows else []),
+            *client_tls,
             "-c",
             f"{TUN_A_WAN}/{TCP_PORT}",
             f"{APP_B}/{PORT_B}",
@@ -460,6 +500,54 @@ def start_tunnels(
     chain.tun_a.wait_udp_bound(PORT_A, WAIT)
     chain.tun_b.wait_udp_bound(PORT_B, WAIT)
     return Tunnels(server, client)
+
+
+def make_certificates(directory: Path) -> Path:
+    """A CA, a server certificate for tunA's address and a client certificate, made once
+    with the openssl command; the directory that holds them."""
+    pki = directory / "pki"
+    if (pki / "client.pem").exists():
+        return pki
+    pki.mkdir(exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
+
+    for name in ("ca", "server", "client"):
+        openssl(
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            f"{name}.key",
+        )
+    openssl(
+        "req", "-x509", "-key", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA"
+    )
+    (pki / "server.ext").write_text(f"subjectAltName=IP:{TUN_A_WAN}\n")
+    (pki / "client.ext").write_text("basicConstraints=CA:FALSE\n")
+    for name in ("server", "client"):
+        openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.pem",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return pki
 
 
 def reported_drops(lines: list[str]) -> dict[str, int] | None:
@@ -585,8 +673,9 @@ def run_case(
         else:
             program = ORIGINAL if subject == "original" else OURS
             flow_mode = scenario.flow_mode and subject == "ours"
+            tls = make_certificates(options.tmp) if scenario.tls else None
             pin = options.pin_tunnel()
-            tunnels = start_tunnels(children, chain, program, pin, flows=flow_mode)
+            tunnels = start_tunnels(children, chain, program, pin, flows=flow_mode, tls=tls)
         loads = start_load(children, chain, subject, flows, seconds, options, tag)
         errors_before = udp_errors(chain)
 
@@ -807,7 +896,10 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
             entry["flows"] = [asdict(flow) for flow in scenario.flows]
             results["scenarios"][scenario.name] = entry
             subjects = [
-                s for s in options.subjects if not (scenario.tunnels_only and s == "kernel")
+                s
+                for s in options.subjects
+                if not (scenario.tunnels_only and s == "kernel")
+                and not (scenario.ours_only and s != "ours")
             ]
             rounds: dict[str, list[dict[str, Any]]] = {subject: [] for subject in subjects}
             for number in range(scenario.rounds):
