@@ -3,18 +3,20 @@ with the openssl command; real processes on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .conftest import UDPTUNNEL, WAIT, Process, free_port, udp_socket
+from .conftest import UDPTUNNEL, WAIT, Process, free_even_port, free_port, udp_socket
 
 LOOPBACK = "127.0.0.1"
 Spawn = type[Process]
@@ -310,3 +312,48 @@ def test_a_key_that_cannot_be_read_is_one_clear_line_and_exit_2(pki: Pki) -> Non
         2,
         f"udptunnel: cannot read TLS key {key}: Permission denied\n",
     )
+
+
+def test_stalled_connections_do_not_keep_a_client_out_of_a_tls_server(
+    spawn: Spawn, pki: Pki, ends: Ends
+) -> None:
+    ends.server(spawn, pki, "--handshake-timeout", "2")
+    stalled = [socket.create_connection((LOOPBACK, ends.tcp), timeout=WAIT) for _ in range(200)]
+    for peer in stalled:
+        with contextlib.suppress(ConnectionResetError):  # past 128, the oldest are reset
+            peer.sendall(b"\x16")  # the first byte of a TLS record, and then nothing
+    started = time.monotonic()
+    client = ends.client(spawn, *client_files(pki, "client"))
+    client.wait_for("Connected TCP to")
+    ends.crosses(b"through the crowd")
+    assert time.monotonic() - started < 1.5  # a process start, a handshake and a datagram
+    for peer in stalled:  # every stalled one was closed by its deadline
+        with contextlib.suppress(ConnectionResetError):
+            assert peer.recv(100) == b""
+        peer.close()
+
+
+def test_rtp_and_persist_over_tls(spawn: Spawn, pki: Pki) -> None:
+    tcp, a_in, b_in = free_even_port(), free_even_port(), free_even_port()
+    app_a, app_b = free_even_port(), free_even_port()
+    behind = [udp_socket(LOOPBACK, app_a + offset) for offset in (0, 1)]
+    apps = [udp_socket(LOOPBACK, app_b + offset) for offset in (0, 1)]
+    server_tls = ["--tls-cert", str(pki.server[0]), "--tls-key", str(pki.server[1])]
+    server_tls += ["--tls-ca", str(pki.ca[0])]
+    server_udp = ["--udp-bind", f"{LOOPBACK}/{a_in}", f"{LOOPBACK}/{app_a}"]
+    server = spawn([UDPTUNNEL, "-v", "-r", "--persist", *server_tls, "-s", str(tcp), *server_udp])
+    server.wait_for("Listening for TCP connections")
+    client_udp = ["--udp-bind", f"{LOOPBACK}/{b_in}", f"{LOOPBACK}/{app_b}"]
+    tls = ["--tls", *client_files(pki, "client")]
+    for round_ in (1, 2):  # the persistent server takes a second client after the first
+        client = spawn([UDPTUNNEL, "-v", "-r", *tls, "-c", f"{LOOPBACK}/{tcp}", *client_udp])
+        client.wait_for("Connected TCP to", nth=2)
+        for offset in (0, 1):
+            apps[offset].sendto(b"%d/%d" % (round_, offset), (LOOPBACK, b_in + offset))
+            assert behind[offset].recv(100) == b"%d/%d" % (round_, offset)
+            behind[offset].sendto(b"back", (LOOPBACK, a_in + offset))
+            assert apps[offset].recv(100) == b"back"
+        client.signal()
+        assert client.wait() == 0
+    for sock in behind + apps:
+        sock.close()

@@ -255,7 +255,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 @_limit(
     "--max-handshakes",
     DEFAULT_MAX_HANDSHAKES,
-    "Flow-mode server: at most N connections at once that have not finished their TLS "
+    "TLS or flow-mode server: at most N connections at once that have not finished their TLS "
     "handshake (or, in plain TCP, sent their first frame); a newer one pushes out the oldest.",
 )
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")

@@ -37,6 +37,7 @@ from .sockets import (
     Connections,
     Resolved,
     SockAddr,
+    Unproven,
     accept,
     connect,
     listen,
@@ -107,7 +108,7 @@ class _FlowServer:
     ) -> None:
         self.config, self.counters, self.udp, self.sources = config, counters, udp, sources
         self.tls = tls
-        self.unproven = _Unproven(config.max_handshakes)
+        self.unproven = Unproven(config.max_handshakes)
 
     async def accept_all(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -182,27 +183,6 @@ class _FlowServer:
             return
         log.info("Closed TCP connection from %s: nothing useful in %g s", who, timeout)
         flow.cancel(reason="no handshake or frame in time")
-
-
-class _Unproven:
-    """Connections that have not yet proved themselves, oldest first. Past the limit, the
-    oldest is reset to make room: a crowd of stalled connections can occupy the server's
-    attention for at most the handshake timeout, and cannot keep a newcomer out."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._waiting: dict[trio.CancelScope, None] = {}  # in order of arrival
-
-    def add(self, flow: trio.CancelScope) -> None:
-        """A new connection; the oldest are ended (their tasks reset them) past the limit."""
-        while len(self._waiting) >= self.limit:
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
-            oldest.cancel(reason="pushed out by newer connections")
-        self._waiting[flow] = None
-
-    def discard(self, flow: trio.CancelScope) -> None:
-        self._waiting.pop(flow, None)
 
 
 class _Outbox:

@@ -327,6 +327,27 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
             backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
 
 
+class Unproven:
+    """Connections that have not yet proved themselves, oldest first. Past the limit, the
+    oldest is reset to make room: a crowd of stalled connections can occupy the server's
+    attention for at most the handshake timeout, and cannot keep a newcomer out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._waiting: dict[trio.CancelScope, None] = {}  # in order of arrival
+
+    def add(self, flow: trio.CancelScope) -> None:
+        """A new connection; the oldest are ended (their tasks reset them) past the limit."""
+        while len(self._waiting) >= self.limit:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel(reason="pushed out by newer connections")
+        self._waiting[flow] = None
+
+    def discard(self, flow: trio.CancelScope) -> None:
+        self._waiting.pop(flow, None)
+
+
 def refuse(stream: trio.SocketStream) -> None:
     """Reset the connection at once, so that the client knows it was refused."""
     log.info("Refused TCP connection from %s: tunnel busy", peer(stream))

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +29,7 @@ from .sockets import (
     Connections,
     Resolved,
     SockAddr,
+    Unproven,
     accept,
     activated_listeners,
     connect,
@@ -157,6 +158,7 @@ class _Tunnel:
             ):
                 async with self._discarding():
                     streams: list[trio.SocketStream] = []
+                    secured: list[trio.abc.Stream] = []
                     for listeners in listener_sets:
                         # In RTP mode a persistent server gives the second connection the
                         # connect timeout to come: a stray first one must not wedge it.
@@ -164,7 +166,9 @@ class _Tunnel:
                         with trio.move_on_after(
                             self.config.connect_timeout if second else math.inf
                         ):
-                            streams.append(await _accept_first(connections, listeners))
+                            raw, stream = await self._accept(connections, listeners)
+                            streams.append(raw)
+                            secured.append(stream)
                             for listener in listeners:
                                 refusers.start_soon(_refuse_all, listener)
                 if len(streams) < len(listener_sets):
@@ -173,30 +177,55 @@ class _Tunnel:
                         self.config.connect_timeout,
                         peer(streams[0]),
                     )
-                elif (secured := await self._secure(streams)) is not None:
-                    for stream in streams:  # now: the datagrams from here on are carried
-                        log.info("TCP connection from %s", peer(stream))
+                else:
+                    for raw in streams:  # now: the datagrams from here on are carried
+                        log.info("TCP connection from %s", peer(raw))
                     await self.carry(secured)
                     served = True
                 refusers.cancel_scope.cancel(reason="the tunnel ended")
             if served and not self.config.persist:
                 return
 
-    async def _secure(self, streams: list[trio.SocketStream]) -> list[trio.abc.Stream] | None:
-        """The accepted connections in TLS, if this end uses it; None if a handshake failed
-        (it is logged, and the server goes back to accepting: a stranger ends nothing)."""
+    async def _accept(
+        self, connections: Connections, listeners: list[trio.SocketListener]
+    ) -> tuple[trio.SocketStream, trio.abc.Stream]:
+        """The connection this relay will carry, and the stream to carry it over.
+
+        In plain TCP, the first to come. In TLS, the first to finish its handshake: every
+        connection that comes meanwhile shakes hands at once, each within the handshake
+        timeout and at most ``--max-handshakes`` of them (the oldest give way), so that
+        neither a stranger nor a crowd of stalled connections keeps a real client out.
+        The others are reset.
+        """
         if self.tls is None:
-            return list(streams)
-        secured = []
-        for stream in streams:
+            stream = await _accept_first(connections, listeners)
+            return stream, stream
+        tls, unproven = self.tls, Unproven(self.config.max_handshakes)
+        won: list[tuple[trio.SocketStream, trio.abc.Stream]] = []
+
+        async def shake_hands(stream: trio.SocketStream, race: trio.CancelScope) -> None:
             try:
-                secured.append(await self.tls.secure(stream, None))
-            except TunnelError as exc:
-                log.warning("Closed TCP connection from %s: %s", peer(stream), exc)
-                for accepted in streams:
-                    reset(accepted)  # refused: in TLS 1.3 the client may think it got in
-                return None
-        return secured
+                with trio.CancelScope() as attempt:
+                    unproven.add(attempt)
+                    try:
+                        secured = await tls.secure(stream, None)
+                    except TunnelError as exc:
+                        log.warning("Closed TCP connection from %s: %s", peer(stream), exc)
+                        return
+                    finally:
+                        unproven.discard(attempt)
+                    if not won:
+                        won.append((stream, secured))
+                        race.cancel(reason="a client got in")
+            finally:
+                if not won or won[0][0] is not stream:
+                    reset(stream)
+
+        async with trio.open_nursery() as race:
+            for listener in listeners:
+                race.start_soon(_accept_each, listener, race, shake_hands)
+        raw, secured = won[0]
+        return connections.adopt(raw), secured
 
     async def keep_connected(self, plans: list[_Plan]) -> None:
         """Connect, carry, and when the tunnel ends or cannot be made, connect again after
@@ -376,6 +405,17 @@ async def _accept_into(
 ) -> None:
     accepted.append(await accept(listener))
     scope.cancel(reason="a client connected")
+
+
+async def _accept_each(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    handle: Callable[[trio.SocketStream, trio.CancelScope], Awaitable[object]],
+) -> None:
+    """Hand every connection that comes to ``handle`` in a task of ``nursery``."""
+    while True:
+        stream = await accept(listener)
+        nursery.start_soon(handle, stream, nursery.cancel_scope)
 
 
 async def _refuse_all(listener: trio.SocketListener) -> None:
