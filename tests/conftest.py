@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -27,6 +28,20 @@ UDPTUNNEL = str(BIN / "udptunnel")  # the console script, as users run it
 ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel: Lennox's C program
 STRICT = os.environ.get("UDPTUNNEL_STRICT_TESTS") == "1"
 WAIT = 10.0  # seconds: the ceiling for any one expected event in a real-process test
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    """Ports for tests: the half below Linux's ephemeral range (ip_local_port_range, 32768
+    and up by default), where no bind(0) or connect() lands."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(1025, low // 2), low - 1
+
+
+PORTS = _below_ephemeral()
+_ports = random.Random()
 
 
 def missing(item: pytest.Item) -> str | None:
@@ -140,24 +155,21 @@ def spawn() -> Iterator[type[Process]]:
 
 
 def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    """A port that is free for both TCP and UDP on ``host`` right now."""
+    """A port that is free for both TCP and UDP on ``host`` right now.
+
+    It comes from below the kernel's ephemeral range (PORTS), so that no socket that binds
+    port 0 or connects, in a tunnel under test or anywhere, can take it before it is used.
+    """
     while True:
-        with socket.socket(family, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(family, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
+        port = _ports.randrange(*PORTS)
+        if _is_free(family, host, port):
+            return port
 
 
 def free_even_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
     """An even port P such that P and P+1 are free for TCP and UDP (RTP mode)."""
     while True:
-        port = free_port(family, host)  # Linux hands out odd ports for bind(0)...
-        even = port - port % 2  # ...so look at the even one below it too
+        even = _ports.randrange(*PORTS) & ~1
         if _is_free(family, host, even) and _is_free(family, host, even + 1):
             return even
 
