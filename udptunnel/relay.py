@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -193,7 +194,9 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
     sock, own = udp.receive, udp.own_addresses
     check, allows = bool(udp.sources), udp.sources.allows
     receive = sock.recvfrom_into
-    buffer = bytearray(BATCH_SIZE + HEADER.size + MAX_DATAGRAM)
+    # Anonymous memory: a page costs resident memory only once a datagram lands in it, so a
+    # relay that carries small datagrams (one of many flows, say) stays small.
+    buffer = mmap.mmap(-1, BATCH_SIZE + HEADER.size + MAX_DATAGRAM)
     view = memoryview(buffer)
     pack = HEADER.pack_into
     fd = fd_of(stream)  # a plain TCP socket: write it straight
