@@ -21,6 +21,7 @@ Spawn = type[Process]
 LOOPBACK = "127.0.0.1"
 DEADLINE = 1.0  # --handshake-timeout for these tests: what a stalled connection gets
 SLACK = 2.0  # seconds for timers and a loaded machine around that
+NORMAL = 1.0  # seconds: a round trip that took longer was held up (on loopback: ~1 ms)
 SO_RCVBUFFORCE = 33  # Linux: SO_RCVBUF past net.core.rmem_max, for root
 
 
@@ -80,14 +81,14 @@ def test_stalled_connections_do_not_keep_a_real_client_out(spawn: Spawn, echo: E
             with contextlib.suppress(ConnectionResetError):  # past 128, the oldest are reset
                 peer.sendall(b"\x00")  # half a length, and then nothing
         with udp_socket() as newcomer:  # a real client that comes during the attack
-            assert round_trip(newcomer, entry, b"new flow") < 0.5
-        assert round_trip(app, entry, b"during") < 0.5
+            assert round_trip(newcomer, entry, b"new flow") < NORMAL
+        assert round_trip(app, entry, b"during") < NORMAL
         started = time.monotonic()
         assert all(closed(peer) for peer in stalled)  # each one, by the deadline at the latest
         assert time.monotonic() - started < DEADLINE + SLACK
         for peer in stalled:
             peer.close()
-        assert round_trip(app, entry, b"after") < 0.5
+        assert round_trip(app, entry, b"after") < NORMAL
     assert "Traceback" not in "\n".join(server.lines)
 
 
@@ -114,7 +115,8 @@ def rss_mb(process: Process) -> float:
 
 def test_garbage_closes_only_its_own_connection(spawn: Spawn, echo: Echo) -> None:
     server, tcp, entry = start(spawn, echo)
-    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    seed = int.from_bytes(os.urandom(4), "big")  # in every failure message, to replay it
+    rng = random.Random(seed)
     with udp_socket() as app:
         round_trip(app, entry, b"before")
         deadline = time.monotonic() + 3.0  # a bounded time of abuse
@@ -127,11 +129,25 @@ def test_garbage_closes_only_its_own_connection(spawn: Spawn, echo: Echo) -> Non
                 attacker.sendall(garbage(rng))
             streams += 1
             if not streams % 20:  # the real flow keeps working throughout
-                assert round_trip(app, entry, b"%d" % streams) < 0.5
-        assert streams > 50
-        assert round_trip(app, entry, b"after") < 0.5
+                assert round_trip(app, entry, b"%d" % streams) < NORMAL, f"seed {seed}"
+        assert streams > 50, f"seed {seed}"
+        assert round_trip(app, entry, b"after") < NORMAL
         assert server.proc.poll() is None
         assert rss_mb(server) < 60
     server.signal()
     assert server.wait() == 0
     assert "Traceback" not in server.stderr
+
+
+def test_a_silent_plain_client_is_left_alone_past_the_deadline(spawn: Spawn, echo: Echo) -> None:
+    # An original udptunnel client connects at its start, before it has anything to send.
+    server, tcp, _ = start(spawn, echo)
+    with socket.create_connection((LOOPBACK, tcp), timeout=WAIT) as quiet:
+        server.wait_for(r"Flow from 127\.0\.0\.1/\d+: UDP")
+        quiet.settimeout(DEADLINE + SLACK)
+        with pytest.raises(TimeoutError):
+            quiet.recv(100)  # not closed at the deadline: it began nothing
+        quiet.sendall(struct.pack("!H", 5) + b"later")
+        quiet.settimeout(WAIT)
+        assert quiet.recv(100) == struct.pack("!H", 5) + b"later"  # the echo, back through it
+    assert "nothing useful" not in "\n".join(server.lines)

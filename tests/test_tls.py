@@ -317,7 +317,7 @@ def test_a_key_that_cannot_be_read_is_one_clear_line_and_exit_2(pki: Pki) -> Non
 def test_stalled_connections_do_not_keep_a_client_out_of_a_tls_server(
     spawn: Spawn, pki: Pki, ends: Ends
 ) -> None:
-    ends.server(spawn, pki, "--handshake-timeout", "2")
+    ends.server(spawn, pki, "--handshake-timeout", "5")
     stalled = [socket.create_connection((LOOPBACK, ends.tcp), timeout=WAIT) for _ in range(200)]
     for peer in stalled:
         with contextlib.suppress(ConnectionResetError):  # past 128, the oldest are reset
@@ -326,8 +326,10 @@ def test_stalled_connections_do_not_keep_a_client_out_of_a_tls_server(
     client = ends.client(spawn, *client_files(pki, "client"))
     client.wait_for("Connected TCP to")
     ends.crosses(b"through the crowd")
-    assert time.monotonic() - started < 1.5  # a process start, a handshake and a datagram
-    for peer in stalled:  # every stalled one was closed by its deadline
+    # A process start, a handshake and a datagram; a server that shook hands with the
+    # first to come would have held the client out for the whole handshake timeout.
+    assert time.monotonic() - started < 4.0
+    for peer in stalled:  # every stalled one was reset once the client got in
         with contextlib.suppress(ConnectionResetError):
             assert peer.recv(100) == b""
         peer.close()

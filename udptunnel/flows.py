@@ -133,34 +133,38 @@ class _FlowServer:
         """One flow, from its connection's start to its end.
 
         Until the connection has proved itself (its TLS handshake done, or in plain TCP its
-        first frame come) it is one of the unproven: it has ``--handshake-timeout`` to do so,
-        and may be pushed out by newer ones past ``--max-handshakes``. Either way it is
-        reset, and nothing it sent has reached UDP.
+        first whole frame come) it is one of the unproven, and may be pushed out by newer
+        ones past ``--max-handshakes``. A TLS handshake, or in plain TCP a frame begun, has
+        ``--handshake-timeout`` to finish. A plain connection that has sent nothing at all is
+        left to ``--flow-timeout``: an original client connects before it has anything to
+        send. A connection ended unproven is reset, and nothing it sent has reached UDP.
         """
         who = peer(stream)
         with _accounted(who, self.counters, counters):
             async with Connections(self.config.keepalive) as connections:
                 connections.adopt(stream)  # closed in order however the flow ends
-                proved = trio.Event()
+                proof = _Proof()
                 with trio.CancelScope() as flow:
                     self.unproven.add(flow)
+                    proof.on_proof(partial(self.unproven.discard, flow))
                     try:
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._deadline, proved, flow, who)
-                            await self._carry(stream, counters, who, proved)
+                            nursery.start_soon(self._deadline, proof, flow, who)
+                            await self._carry(stream, counters, who, proof)
                             nursery.cancel_scope.cancel(reason="the flow ended")
                     finally:
                         self.unproven.discard(flow)
-                if flow.cancelled_caught and not proved.is_set():
+                if flow.cancelled_caught and not proof.proved.is_set():
                     reset(stream)  # too late or pushed out: no orderly goodbye for it
 
     async def _carry(
-        self, stream: trio.SocketStream, counters: Counters, who: str, proved: trio.Event
+        self, stream: trio.SocketStream, counters: Counters, who: str, proof: _Proof
     ) -> None:
         secured: trio.abc.Stream = stream
         if self.tls is not None:
+            proof.began()
             secured = await self._secure(stream)
-            proved.set()
+            proof.prove()
         with _open_udp(self.udp, bind=False) as sock:
             log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
             udp = UdpSockets(sock, sock, frozenset(), self.sources)
@@ -170,19 +174,43 @@ class _FlowServer:
                 udp,
                 counters,
                 max_delay=self.config.max_delay,
-                first_frame=proved.set,
+                first_bytes=proof.began,
+                first_frame=proof.prove,
             )
             await _until_idle(relay, counters, self.config.flow_timeout)
 
-    async def _deadline(self, proved: trio.Event, flow: trio.CancelScope, who: str) -> None:
-        """End a connection that has not proved itself in time; forget it once it has."""
+    async def _deadline(self, proof: _Proof, flow: trio.CancelScope, who: str) -> None:
+        """End a connection whose handshake or first frame has not finished in time."""
         timeout = self.config.handshake_timeout
         with trio.move_on_after(timeout):
-            await proved.wait()
-            self.unproven.discard(flow)
+            await proof.proved.wait()
             return
+        if not proof.begun:
+            return  # silent so far: evictable, and ended by the flow timeout if it stays so
         log.info("Closed TCP connection from %s: nothing useful in %g s", who, timeout)
         flow.cancel(reason="no handshake or frame in time")
+
+
+class _Proof:
+    """How far a new connection has got: begun (a byte of a handshake or a frame has come)
+    and proved (the handshake done, or a whole frame come)."""
+
+    def __init__(self) -> None:
+        self.begun = False
+        self.proved = trio.Event()
+        self._then: list[Callable[[], object]] = []
+
+    def on_proof(self, then: Callable[[], object]) -> None:
+        self._then.append(then)
+
+    def began(self) -> None:
+        self.begun = True
+
+    def prove(self) -> None:
+        self.begun = True
+        self.proved.set()
+        for then in self._then:  # at once: a proved connection must not be pushed out
+            then()
 
 
 class _Outbox:

@@ -74,6 +74,7 @@ async def run_relay(
     counters: Counters,
     *,
     max_delay: float,
+    first_bytes: Callable[[], object] | None = None,
     first_frame: Callable[[], object] | None = None,
 ) -> None:
     """Carry datagrams both ways until the TCP peer closes the connection.
@@ -83,6 +84,7 @@ async def run_relay(
         udp: the UDP sockets of this port pair.
         counters: updated as datagrams pass or are dropped.
         max_delay: seconds a frame from TCP may wait here before it is dropped as too late.
+        first_bytes: called once, when the first bytes have come from TCP.
         first_frame: called once, when the first whole frame has come from TCP.
 
     Raises:
@@ -90,7 +92,7 @@ async def run_relay(
     """
     async with trio.open_nursery() as nursery:
         stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
-        to_udp = partial(tcp_to_udp, stream, udp, counters, max_delay, first_frame)
+        to_udp = partial(tcp_to_udp, stream, udp, counters, max_delay, first_bytes, first_frame)
         nursery.start_soon(run_then, stop, to_udp)
         nursery.start_soon(udp_to_tcp, udp, stream, counters)
 
@@ -106,6 +108,7 @@ async def tcp_to_udp(
     udp: UdpSockets,
     counters: Counters,
     max_delay: float,
+    first_bytes: Callable[[], object] | None = None,
     first_frame: Callable[[], object] | None = None,
 ) -> None:
     """Send every complete frame from the TCP stream as a UDP datagram; return at EOF.
@@ -119,6 +122,9 @@ async def tcp_to_udp(
     receive = reader(stream)
     while data := await receive():
         started = time.monotonic()
+        if first_bytes:
+            first_bytes()
+            first_bytes = None
         frames = decoder.feed(data)
         if first_frame and frames:
             first_frame()

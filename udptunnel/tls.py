@@ -45,7 +45,9 @@ class Tls:
         """
         name = None if self.server_side else (self.server_name or host)
         with trio.move_on_after(self.handshake_timeout):
-            return await handshake(stream, self.context, server_name=name)
+            return await handshake(
+                stream, self.context, server_side=self.server_side, server_name=name
+            )
         raise TunnelError(f"TLS handshake unfinished after {self.handshake_timeout:g} s")
 
 
@@ -88,11 +90,18 @@ def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
     for path, what in ((cert, "certificate"), (key, "key")):
         _check_readable(path, what)
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:
         raise ConfigError(
             f"{cert}, {key}: not a TLS certificate and its private key ({exc.reason})"
         ) from exc
+
+
+def _no_password() -> str:
+    """Asked for when the key is encrypted: a daemon has no one to ask."""
+    raise ConfigError(
+        "the TLS key is encrypted; give an unencrypted key, readable by this user only"
+    )
 
 
 def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
@@ -112,10 +121,14 @@ def _check_readable(path: Path, what: str) -> None:
 
 
 async def handshake(
-    stream: trio.abc.Stream, context: ssl.SSLContext, *, server_name: str | None
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_name: str | None,
 ) -> trio.SSLStream[trio.abc.Stream]:
-    """Wrap ``stream`` in TLS and shake hands: as the server when ``server_name`` is None,
-    else as a client that checks the server's certificate carries that name.
+    """Wrap ``stream`` in TLS and shake hands: as the server, or as a client that checks
+    the server's certificate carries ``server_name``.
 
     Raises:
         TunnelError: the peer is not who it must be, or does not speak TLS 1.3.
@@ -126,7 +139,7 @@ async def handshake(
     wrapped = trio.SSLStream(
         stream,
         context,
-        server_side=server_name is None,
+        server_side=server_side,
         server_hostname=server_name,
         https_compatible=True,
     )

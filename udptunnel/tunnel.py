@@ -221,9 +221,14 @@ class _Tunnel:
                 if not won or won[0][0] is not stream:
                     reset(stream)
 
-        async with trio.open_nursery() as race:
-            for listener in listeners:
-                race.start_soon(_accept_each, listener, race, shake_hands)
+        try:
+            async with trio.open_nursery() as race:
+                for listener in listeners:
+                    race.start_soon(_accept_each, listener, race, shake_hands)
+        except BaseException:  # cancelled from outside just as one won: not ours to keep
+            if won:
+                reset(won[0][0])
+            raise
         raw, secured = won[0]
         return connections.adopt(raw), secured
 
