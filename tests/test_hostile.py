@@ -74,10 +74,12 @@ def closed(peer: socket.socket) -> bool:
 
 def test_stalled_connections_do_not_keep_a_real_client_out(spawn: Spawn, echo: Echo) -> None:
     server, tcp, entry = start(spawn, echo)
-    with udp_socket() as app:
+    with udp_socket() as app, contextlib.ExitStack() as stack:
         round_trip(app, entry, b"before")  # a flow of a real client, open already
-        stalled = [socket.create_connection((LOOPBACK, tcp), timeout=WAIT) for _ in range(200)]
-        for peer in stalled:
+        stalled = []
+        for _ in range(200):
+            peer = stack.enter_context(socket.create_connection((LOOPBACK, tcp), timeout=WAIT))
+            stalled.append(peer)
             with contextlib.suppress(ConnectionResetError):  # past 128, the oldest are reset
                 peer.sendall(b"\x00")  # half a length, and then nothing
         with udp_socket() as newcomer:  # a real client that comes during the attack
@@ -86,8 +88,6 @@ def test_stalled_connections_do_not_keep_a_real_client_out(spawn: Spawn, echo: E
         started = time.monotonic()
         assert all(closed(peer) for peer in stalled)  # each one, by the deadline at the latest
         assert time.monotonic() - started < DEADLINE + SLACK
-        for peer in stalled:
-            peer.close()
         assert round_trip(app, entry, b"after") < NORMAL
     assert "Traceback" not in "\n".join(server.lines)
 

@@ -134,10 +134,11 @@ class _FlowServer:
 
         Until the connection has proved itself (its TLS handshake done, or in plain TCP its
         first whole frame come) it is one of the unproven, and may be pushed out by newer
-        ones past ``--max-handshakes``. A TLS handshake, or in plain TCP a frame begun, has
-        ``--handshake-timeout`` to finish. A plain connection that has sent nothing at all is
-        left to ``--flow-timeout``: an original client connects before it has anything to
-        send. A connection ended unproven is reset, and nothing it sent has reached UDP.
+        ones past ``--max-handshakes``. A TLS handshake, or in plain TCP a frame, has
+        ``--handshake-timeout`` from its first byte to finish. A plain connection that has
+        sent nothing at all is left to ``--flow-timeout``: an original client connects before
+        it has anything to send. A connection ended unproven is reset, and nothing it sent
+        has reached UDP.
         """
         who = peer(stream)
         with _accounted(who, self.counters, counters):
@@ -180,13 +181,13 @@ class _FlowServer:
             await _until_idle(relay, counters, self.config.flow_timeout)
 
     async def _deadline(self, proof: _Proof, flow: trio.CancelScope, who: str) -> None:
-        """End a connection whose handshake or first frame has not finished in time."""
+        """End a connection whose handshake or first frame has not finished in time, counted
+        from its first byte: silent so far, it is left to the flow timeout."""
+        await proof.begun.wait()
         timeout = self.config.handshake_timeout
         with trio.move_on_after(timeout):
             await proof.proved.wait()
             return
-        if not proof.begun:
-            return  # silent so far: evictable, and ended by the flow timeout if it stays so
         log.info("Closed TCP connection from %s: nothing useful in %g s", who, timeout)
         flow.cancel(reason="no handshake or frame in time")
 
@@ -196,7 +197,7 @@ class _Proof:
     and proved (the handshake done, or a whole frame come)."""
 
     def __init__(self) -> None:
-        self.begun = False
+        self.begun = trio.Event()
         self.proved = trio.Event()
         self._then: list[Callable[[], object]] = []
 
@@ -204,10 +205,10 @@ class _Proof:
         self._then.append(then)
 
     def began(self) -> None:
-        self.begun = True
+        self.begun.set()
 
     def prove(self) -> None:
-        self.begun = True
+        self.begun.set()
         self.proved.set()
         for then in self._then:  # at once: a proved connection must not be pushed out
             then()
