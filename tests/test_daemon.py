@@ -348,6 +348,8 @@ def test_waits_double_from_half_a_second_up_to_the_cap_each_in_its_upper_half() 
 
 
 async def test_an_idle_timeout_counts_from_the_last_traffic(autojump_clock: object) -> None:
+    # autojump_clock: the sleeps below move virtual time to chosen instants, they do not wait
+    # for anything; no real I/O happens here.
     traffic, ended = [0], []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
