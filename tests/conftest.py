@@ -199,3 +199,57 @@ def udp_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     sock.bind((host, port))
     sock.settimeout(WAIT)
     return sock
+
+
+FAMILY = {"127.0.0.1": socket.AF_INET, "::1": socket.AF_INET6}
+
+
+class Echo:
+    """A UDP server that answers every datagram with the same bytes, to where it came from,
+    and remembers who sent what."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(FAMILY[host], socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.05)  # how often the thread looks at the stop flag
+        self.port = self.sock.getsockname()[1]
+        self.heard: list[tuple[tuple[str, int], bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            self.heard.append((source[:2], data))
+            self.sock.sendto(data, source)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self.sock.close()
+
+
+class LoopbackApps:
+    """Ports for a server and a client tunnel end on loopback, and an application at each:
+    ``app_a`` behind the server, ``app_b`` behind the client; each end takes datagrams in
+    at ``a_in`` or ``b_in``."""
+
+    def __init__(self) -> None:
+        self.tcp = free_port()
+        self.app_a, self.app_b = udp_socket(), udp_socket()
+        self.a_in, self.b_in = free_port(), free_port()
+
+    def crosses(self, payload: bytes) -> None:
+        """The payload goes through the tunnel both ways."""
+        self.app_b.sendto(payload, ("127.0.0.1", self.b_in))
+        assert self.app_a.recv(65536) == payload
+        self.app_a.sendto(payload[::-1], ("127.0.0.1", self.a_in))
+        assert self.app_b.recv(65536) == payload[::-1]
+
+    def close(self) -> None:
+        self.app_a.close()
+        self.app_b.close()

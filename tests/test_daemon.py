@@ -20,7 +20,7 @@ from udptunnel import cli
 from udptunnel.config import Config, Mode
 from udptunnel.persist import Backoff, end_when_idle
 
-from .conftest import UDPTUNNEL, WAIT, Process, free_even_port, free_port, udp_socket
+from .conftest import UDPTUNNEL, WAIT, LoopbackApps, Process, free_even_port, free_port, udp_socket
 
 LOOPBACK = "127.0.0.1"
 FAST_RETRY = ["--reconnect-max", "0.5"]  # waits of 0.25-0.5 s: tests need no patience
@@ -34,13 +34,8 @@ def rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-class Ends:
-    """Ports for a server and a client tunnel end, and an application at each."""
-
-    def __init__(self) -> None:
-        self.tcp = free_port()
-        self.app_a, self.app_b = udp_socket(), udp_socket()  # behind the server, the client
-        self.a_in, self.b_in = free_port(), free_port()  # where each end takes datagrams in
+class Ends(LoopbackApps):
+    """A server and a client tunnel end, plain, for the applications."""
 
     def server(self, spawn: Spawn, *flags: str) -> Process:
         destination = f"{LOOPBACK}/{self.app_a.getsockname()[1]}"
@@ -54,17 +49,6 @@ class Ends:
         bind = f"{LOOPBACK}/{self.b_in}"
         tcp = f"{LOOPBACK}/{self.tcp}"
         return spawn([UDPTUNNEL, "-v", *flags, "-c", tcp, "--udp-bind", bind, destination])
-
-    def crosses(self, payload: bytes) -> None:
-        """The payload goes through the tunnel both ways."""
-        self.app_b.sendto(payload, (LOOPBACK, self.b_in))
-        assert self.app_a.recv(65536) == payload
-        self.app_a.sendto(payload[::-1], (LOOPBACK, self.a_in))
-        assert self.app_b.recv(65536) == payload[::-1]
-
-    def close(self) -> None:
-        self.app_a.close()
-        self.app_b.close()
 
 
 @pytest.fixture

@@ -7,51 +7,20 @@ import os
 import signal
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import ORIGINAL, UDPTUNNEL, WAIT, Process, free_port, udp_socket
+from .conftest import FAMILY, ORIGINAL, UDPTUNNEL, WAIT, Echo, Process, free_port, udp_socket
 from .netns import APP_A, APP_B, TUN_A_LAN, TUN_A_WAN, TUN_B_LAN, Chain, open_chain
 
 Spawn = type[Process]
-FAMILY = {"127.0.0.1": socket.AF_INET, "::1": socket.AF_INET6}
 
 
 def addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}/{port}"
-
-
-class Echo:
-    """A UDP server that answers every datagram with the same bytes, to where it came from,
-    and remembers who sent what."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(FAMILY[host], socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.05)  # how often the thread looks at the stop flag
-        self.port = self.sock.getsockname()[1]
-        self.heard: list[tuple[tuple[str, int], bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, source = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            self.heard.append((source[:2], data))
-            self.sock.sendto(data, source)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(WAIT)
-        self.sock.close()
 
 
 @pytest.fixture

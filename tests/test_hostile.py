@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import UDPTUNNEL, WAIT, Process, free_port, udp_socket
-from .test_flows import Echo
+from .conftest import UDPTUNNEL, WAIT, Echo, Process, free_port, udp_socket
 
 Spawn = type[Process]
 LOOPBACK = "127.0.0.1"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import UDPTUNNEL, WAIT, Process, free_even_port, free_port, udp_socket
+from .conftest import UDPTUNNEL, WAIT, LoopbackApps, Process, free_even_port, udp_socket
 
 LOOPBACK = "127.0.0.1"
 Spawn = type[Process]
@@ -95,13 +95,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-class Ends:
-    """Ports and applications for a TLS server and client on loopback."""
-
-    def __init__(self) -> None:
-        self.tcp = free_port()
-        self.app_a, self.app_b = udp_socket(), udp_socket()
-        self.a_in, self.b_in = free_port(), free_port()
+class Ends(LoopbackApps):
+    """A TLS server and client tunnel end, for the applications."""
 
     def server(self, spawn: Spawn, pki: Pki, *flags: str, mutual: bool = True) -> Process:
         tls = ["--tls-cert", str(pki.server[0]), "--tls-key", str(pki.server[1])]
@@ -116,12 +111,6 @@ class Ends:
         udp = ["--udp-bind", f"{LOOPBACK}/{self.b_in}", f"{LOOPBACK}/{self.app_b.getsockname()[1]}"]
         return spawn([UDPTUNNEL, "-v", "--tls", *tls, "-c", f"{host}/{port or self.tcp}", *udp])
 
-    def crosses(self, payload: bytes) -> None:
-        self.app_b.sendto(payload, (LOOPBACK, self.b_in))
-        assert self.app_a.recv(65536) == payload
-        self.app_a.sendto(payload[::-1], (LOOPBACK, self.a_in))
-        assert self.app_b.recv(65536) == payload[::-1]
-
     def nothing_reached_the_server_side(self) -> bool:
         self.app_a.setblocking(False)
         try:
@@ -131,10 +120,6 @@ class Ends:
         finally:
             self.app_a.setblocking(True)
         return False
-
-    def close(self) -> None:
-        self.app_a.close()
-        self.app_b.close()
 
 
 @pytest.fixture

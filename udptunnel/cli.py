@@ -66,6 +66,11 @@ class _BadConfig(click.ClickException):
     exit_code = EXIT_USAGE
 
 
+def _env_name(name: str) -> str:
+    """UDPTUNNEL_IDLE_TIMEOUT for --idle-timeout."""
+    return name.removeprefix("--").replace("-", "_").upper()
+
+
 def _option(*names: str, env: str, **attributes: Any) -> Callable[[F], F]:
     """A Click option that can also come from the variable UDPTUNNEL_<env>, shown in --help."""
     return click.option(*names, envvar=ENV + env, show_envvar=True, **attributes)
@@ -75,7 +80,7 @@ def _seconds(
     name: str, kind: click.ParamType[Any], default: float | None, text: str
 ) -> Callable[[F], F]:
     """An option of seconds, named after its long form (UDPTUNNEL_IDLE_TIMEOUT, ...)."""
-    env = name.removeprefix("--").replace("-", "_").upper()
+    env = _env_name(name)
     shown = default is not None
     return _option(
         name, env=env, type=kind, default=default, show_default=shown, metavar="SECONDS", help=text
@@ -84,7 +89,7 @@ def _seconds(
 
 def _limit(name: str, default: int, text: str) -> Callable[[F], F]:
     """An option counting things at once, 1 to 100,000."""
-    env = name.removeprefix("--").replace("-", "_").upper()
+    env = _env_name(name)
     kind = click.IntRange(1, 100_000)
     return _option(
         name, env=env, type=kind, default=default, show_default=True, metavar="N", help=text
@@ -93,7 +98,7 @@ def _limit(name: str, default: int, text: str) -> Callable[[F], F]:
 
 def _tls_file(name: str, text: str) -> Callable[[F], F]:
     """An option naming a PEM file, which tls.py reads (and says why, if it cannot)."""
-    env = name.removeprefix("--").replace("-", "_").upper()
+    env = _env_name(name)
     kind = click.Path(dir_okay=False, readable=False)
     return _option(name, env=env, type=kind, metavar="FILE", help=text)
 

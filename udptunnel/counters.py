@@ -107,10 +107,10 @@ class Counters:
             f"TCP to UDP: {self.tcp_to_udp_datagrams} datagrams, {self.tcp_to_udp_bytes} bytes; "
             f"dropped: {self.dropped} ({self.dropped_own} own, {self.dropped_overflow} queue "
             f"full, {self.dropped_late} late, {self.dropped_too_large} too large, "
-            f"{self.dropped_unsent} unsent{self._no_tunnel()})"
+            f"{self.dropped_unsent} unsent{self._other_causes()})"
         )
 
-    def _no_tunnel(self) -> str:
+    def _other_causes(self) -> str:
         """The causes that only some modes have, named when they happened."""
         parts = [
             f", {count} {name}"
