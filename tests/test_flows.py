@@ -44,7 +44,7 @@ def start_flows(
     server = spawn(
         [UDPTUNNEL, "-v", "--flows", *server_flags, "-s", addr(host, tcp), addr(host, echo.port)]
     )
-    server.wait_for(r"Listening for TCP connections on port \d+ \(flows\)")
+    server.wait_for(r"Listening for TCP connections on port \d+( of \S+)? \(flows\)")
     client = spawn(
         [UDPTUNNEL, "-v", "--flows", *client_flags, "-c", addr(host, tcp), addr(host, entry)]
     )

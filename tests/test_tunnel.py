@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from udptunnel import tunnel
+from udptunnel import session
 from udptunnel.config import Address, Config, Mode
 from udptunnel.counters import Counters
 from udptunnel.errors import TunnelError
@@ -159,13 +159,13 @@ async def test_rtp_server_relays_nothing_until_both_connections_exist() -> None:
 
 async def test_both_streams_have_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
-    original = tunnel.run_relay
+    original = session.run_relay
 
     async def recording(stream: trio.SocketStream, *args: Any, **kwargs: Any) -> None:
         seen.append(stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         await original(stream, *args, **kwargs)
 
-    monkeypatch.setattr(tunnel, "run_relay", recording)
+    monkeypatch.setattr(session, "run_relay", recording)
     async with both_ends("127.0.0.1") as ends:
         await ends.b.sendto(b"through", ends.client.udp[0])  # proves both relays are running
         assert await receive(ends.a) == b"through"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(eq=False)  # kept by identity: two flows' counts may well be equal
 class Counters:
     """Datagrams and bytes each way, and datagrams dropped, by cause.
 
@@ -24,7 +24,11 @@ class Counters:
     dropped_unsent: int = 0  # UDP sends refused or unroutable at that moment
     dropped_no_tunnel: int = 0  # into the tunnel while none was up (--persist)
     dropped_disallowed: int = 0  # into the tunnel: from a source --allow-from does not allow
+    dropped_queue: int = 0  # into a flow: more than its queue holds while it connects
+    dropped_no_flow: int = 0  # into the tunnel: a new source, and no flow to be had for it
     flows_refused: int = 0  # flow mode: sources or connections past --max-flows
+    flows_evicted: int = 0  # flow mode: idle flows ended to make room for a new one
+    flows_lost: int = 0  # flow mode: flows ended by a failure (reset, refused, ...)
     tunnels: int = 0  # tunnels (in flow mode, flows) established since the start
     reconnects: int = 0  # a client's attempts to connect after the first
     state: str = "starting"  # what the tunnel end is doing, in a few words
@@ -34,12 +38,12 @@ class Counters:
     _overflow_closed: int = 0
     # Flow mode: each flow counts in a child of its own (for its idle timeout), added in
     # here when it ends; the totals include the live ones.
-    _children: list[Counters] = field(default_factory=list, repr=False)
+    _children: set[Counters] = field(default_factory=set, repr=False)
 
     def child(self) -> Counters:
         """A new Counters for one flow, part of these totals until ``retire``d into them."""
         child = Counters()
-        self._children.append(child)
+        self._children.add(child)
         return child
 
     def retire(self, child: Counters) -> None:
@@ -77,8 +81,10 @@ class Counters:
 
     @property
     def dropped_overflow(self) -> int:
-        """Into the tunnel: datagrams the kernel dropped, its receive queue full."""
-        return self._overflow_closed + sum(read() for read in self._overflow_live)
+        """Into the tunnel: datagrams dropped because a queue was full, the kernel's receive
+        queue or a flow's while it connects."""
+        live = sum(read() for read in self._overflow_live)
+        return self._overflow_closed + live + self.dropped_queue
 
     @property
     def dropped(self) -> int:
@@ -91,6 +97,7 @@ class Counters:
             + self.dropped_unsent
             + self.dropped_no_tunnel
             + self.dropped_disallowed
+            + self.dropped_no_flow
         )
 
     @property
@@ -117,6 +124,7 @@ class Counters:
             for count, name in (
                 (self.dropped_no_tunnel, "no tunnel"),
                 (self.dropped_disallowed, "not allowed"),
+                (self.dropped_no_flow, "no flow"),
             )
             if count
         ]
@@ -125,8 +133,11 @@ class Counters:
     def report(self) -> str:
         """The summary with what only a long-running end has: tunnels and reconnections."""
         line = f"{self.summary()}; tunnels: {self.tunnels}, reconnects: {self.reconnects}"
-        if self.flows or self.flows_refused:
-            line += f"; flows: {self.flows} open, {self.flows_refused} refused"
+        if self.flows or self.flows_refused or self.flows_evicted or self.flows_lost:
+            line += (
+                f"; flows: {self.flows} open, {self.flows_refused} refused, "
+                f"{self.flows_evicted} evicted, {self.flows_lost} lost"
+            )
         return line
 
     def status(self) -> str:
@@ -150,4 +161,6 @@ _SUMMED = (
     "dropped_unsent",
     "dropped_no_tunnel",
     "dropped_disallowed",
+    "dropped_queue",
+    "dropped_no_flow",
 )

@@ -20,11 +20,14 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Callable
+from functools import partial
 
 import trio
 
 from .counters import Counters
 from .errors import TunnelError
+from .sockets import SockAddr
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +41,47 @@ _SEGMENT_SIZE = struct.Struct("=H")  # the UDP_SEGMENT control message: u16 segm
 _NO_SEGMENTATION = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 # Refusals that say this segment size is too large for the path (its MTU).
 _SEGMENT_TOO_LARGE = frozenset({errno.EINVAL, errno.EMSGSIZE})
+# Errors that ICMP leaves on a UDP socket for a datagram sent earlier: any call on the
+# socket, a receive included, may return one, once. They concern that datagram, never the
+# tunnel: the service behind it may be restarting.
+ICMP_ERRORS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+)
 # UDP send failures that concern one datagram, not the tunnel: routes come and go, and a
 # firewall may refuse one destination (EPERM).
-_TRANSIENT_SEND_ERRORS = frozenset(
-    {
-        errno.ENETUNREACH,
-        errno.EHOSTUNREACH,
-        errno.ENETDOWN,
-        errno.EHOSTDOWN,
-        errno.ENOBUFS,
-        errno.EPERM,
-        errno.ECONNREFUSED,
-    }
-)
+_TRANSIENT_SEND_ERRORS = ICMP_ERRORS | {errno.ENOBUFS, errno.EPERM}
 
 
 class UdpSender:
-    """Sends frames from the tunnel through one connected, non-blocking UDP socket.
+    """Sends frames from the tunnel through a non-blocking UDP socket, to ``destination``
+    (or, if None, to the address the socket is connected to).
 
-    It is the socket's only writer; it counts what it sends and drops in ``counters``.
+    It counts what it sends and drops in ``counters``. Several senders may share a socket
+    (a flow client's flows all answer from one) if they share a ``gate``: only one task at a
+    time may wait for room in a socket.
     """
 
-    def __init__(self, sock: socket.socket, counters: Counters, *, segment: bool = True) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        counters: Counters,
+        *,
+        destination: SockAddr | None = None,
+        gate: trio.Lock | None = None,
+        segment: bool = True,
+    ) -> None:
         self._sock = sock
-        self._counters = counters
+        self.counters = counters
+        self._destination = destination
+        self._gate = gate or trio.Lock()
         self._verbose = log.isEnabledFor(logging.DEBUG)
         # Runs of datagrams up to this size go out segmented; 0 turns segmentation off.
         self._segment_max = SEGMENTED_BYTES_MAX // 2 if segment else 0
         self._unyielded = 0
+        if destination is None:
+            self._send_one: Callable[[memoryview], int] = sock.send
+        else:
+            self._send_one = partial(_send_to, sock, destination)
 
     async def send(self, frames: list[memoryview]) -> tuple[int, int]:
         """Send ``frames`` in order, each as one datagram.
@@ -76,7 +92,8 @@ class UdpSender:
         Raises:
             TunnelError: if UDP sending fails for good.
         """
-        sent = sent_bytes = 0
+        sent = sent_bytes = 0  # in all, returned
+        counted = counted_bytes = 0  # of those, already added to the counters
         start, count = 0, len(frames)
         while start < count:
             size = len(frames[start])
@@ -99,22 +116,24 @@ class UdpSender:
             self._unyielded += end - start
             if self._unyielded >= YIELD_EVERY:  # many tiny frames must not hold up the rest
                 self._unyielded = 0
-                self._counters.tcp_to_udp_datagrams += sent
-                self._counters.tcp_to_udp_bytes += sent_bytes
+                self.counters.tcp_to_udp_datagrams += sent - counted
+                self.counters.tcp_to_udp_bytes += sent_bytes - counted_bytes
+                counted, counted_bytes = sent, sent_bytes
                 await trio.lowlevel.checkpoint()
-                sent = sent_bytes = 0
             start = end
-        self._counters.tcp_to_udp_datagrams += sent
-        self._counters.tcp_to_udp_bytes += sent_bytes
+        self.counters.tcp_to_udp_datagrams += sent - counted
+        self.counters.tcp_to_udp_bytes += sent_bytes - counted_bytes
         return sent, sent_bytes
 
     def _send_segmented(self, frames: list[memoryview], start: int, end: int, size: int) -> bool:
         """Send frames[start:end] in one call, cut into datagrams of ``size`` by the kernel.
         False if the kernel refused it: then nothing of the run was sent."""
+        control = [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
         try:
-            self._sock.sendmsg(
-                frames[start:end], [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
-            )
+            if self._destination is None:
+                self._sock.sendmsg(frames[start:end], control)
+            else:
+                self._sock.sendmsg(frames[start:end], control, 0, self._destination)
         except OSError as exc:
             if exc.errno in _NO_SEGMENTATION:
                 self._segment_max = 0
@@ -122,7 +141,7 @@ class UdpSender:
             elif exc.errno in _SEGMENT_TOO_LARGE:
                 self._segment_max = min(self._segment_max, size - 1)
                 log.debug("UDP segmentation refused for %d-byte datagrams", size)
-            elif exc.errno == errno.ECONNREFUSED:  # as in _send_slowly: the error is now read
+            elif exc.errno in ICMP_ERRORS:  # as in _send_slowly: the error is now read
                 log.debug("ECONNREFUSED on udp_send_sock; clearing.")
             # Anything else (a full buffer, a refusal from the destination) is for the
             # one-by-one path to handle, datagram by datagram.
@@ -131,7 +150,7 @@ class UdpSender:
 
     async def _send_each(self, frames: list[memoryview], start: int, end: int) -> tuple[int, int]:
         """Send frames[start:end] one call each; returns datagrams and bytes sent."""
-        send = self._sock.send
+        send = self._send_one
         sent = sent_bytes = 0
         for index in range(start, end):
             datagram = frames[index]
@@ -149,27 +168,32 @@ class UdpSender:
         cleared = False
         while True:
             if isinstance(failure, BlockingIOError):  # the socket's send buffer is full: wait
-                await trio.lowlevel.wait_writable(self._sock)
-            elif isinstance(failure, ConnectionRefusedError) and not cleared:
-                # A port-unreachable answer to an earlier datagram left its error on the
-                # socket, and this send failed with it before sending anything. The original
-                # lost this datagram; here it goes out on the second try.
-                log.debug("ECONNREFUSED on udp_send_sock; clearing.")
+                async with self._gate:
+                    await trio.lowlevel.wait_writable(self._sock)
+            elif failure.errno in ICMP_ERRORS and not cleared:
+                # An ICMP answer to an earlier datagram (port unreachable, say) left its
+                # error on the socket, and this send failed with it before sending anything.
+                # The original lost this datagram; here it goes out on the second try.
+                log.debug("%s on udp_send_sock; clearing.", errno.errorcode[failure.errno])
                 cleared = True
             else:
                 break
             try:
-                self._sock.send(datagram)
+                self._send_one(datagram)
             except OSError as exc:
                 failure = exc
             else:
                 return True
         if failure.errno == errno.EMSGSIZE:
-            self._counters.dropped_too_large += 1
+            self.counters.dropped_too_large += 1
             log.info("Dropped a %d-byte frame from TCP: too large for UDP", len(datagram))
         elif failure.errno in _TRANSIENT_SEND_ERRORS:
-            self._counters.dropped_unsent += 1
+            self.counters.dropped_unsent += 1
             log.debug("Dropped a %d-byte frame from TCP: %s", len(datagram), failure.strerror)
         else:
             raise TunnelError(f"cannot send UDP datagram: {failure.strerror}") from failure
         return False
+
+
+def _send_to(sock: socket.socket, destination: SockAddr, datagram: memoryview) -> int:
+    return sock.sendto(datagram, destination)

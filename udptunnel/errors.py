@@ -19,9 +19,12 @@ class TunnelError(Exception):
 
 
 def messages(group: BaseExceptionGroup[Any]) -> Iterator[str]:
-    """The message of every error in ``group``, however deeply nested."""
+    """The message of every error in ``group``, however deeply nested: a system error in the
+    system's words (``Connection refused``, not ``[Errno 111] Connection refused``)."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             yield from messages(exc)
+        elif isinstance(exc, OSError) and exc.strerror:
+            yield exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
         else:
-            yield str(exc)
+            yield str(exc) or type(exc).__name__

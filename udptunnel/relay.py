@@ -20,6 +20,7 @@ than a current one, and dropping it is what lets the current ones through on tim
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -30,16 +31,16 @@ import sys
 import termios
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import trio
 
-from .allow import SourceFilter
 from .counters import Counters
-from .egress import YIELD_EVERY, UdpSender
+from .egress import ICMP_ERRORS, YIELD_EVERY, UdpSender
 from .errors import TunnelError
 from .framing import HEADER, MAX_DATAGRAM, Decoder
+from .sockets import UdpEnd
 
 log = logging.getLogger(__name__)
 
@@ -49,52 +50,71 @@ SO_MEMINFO = 55  # Linux <asm-generic/socket.h>: the socket's memory counters, d
 _MEMINFO = struct.Struct("9I")  # struct sk_meminfo: SK_MEMINFO_DROPS is the ninth
 
 
-@dataclass(frozen=True)
-class UdpSockets:
-    """The UDP side of one port pair: non-blocking sockets.
+class Inbound(Protocol):
+    """Where a relay's datagrams for the tunnel come from: a UDP socket of its own, or (a
+    flow client's flow) the datagrams its dispatcher sorted out for it."""
 
-    Attributes:
-        receive: bound where datagrams for the tunnel arrive.
-        send: connected to the destination of datagrams from the tunnel.
-        own_addresses: where the send socket's datagrams come from, as the receive socket
-            sees them; datagrams from there are our own output coming back (the original's
-            self-loop) and are dropped.
-        sources: who may send into the tunnel (--allow-from); by default, anyone.
-    """
+    def drain(self, buffer: mmap.mmap, view: memoryview) -> tuple[int, int, bool]:
+        """Put waiting datagrams into ``buffer``, each behind its length header, up to a
+        batch; returns the bytes put, the datagrams among them, and whether none is left."""
+        ...
 
-    receive: socket.socket
-    send: socket.socket
-    own_addresses: frozenset[tuple[str, int]]
-    sources: SourceFilter = field(default_factory=lambda: SourceFilter(()))
+    async def wait(self) -> None:
+        """Return when more datagrams may be waiting."""
+        ...
 
 
 async def run_relay(
     stream: trio.abc.Stream,
-    udp: UdpSockets,
+    udp: UdpEnd,
     counters: Counters,
     *,
     max_delay: float,
-    first_bytes: Callable[[], object] | None = None,
-    first_frame: Callable[[], object] | None = None,
+    proof: Proof | None = None,
+) -> None:
+    """Carry datagrams both ways between ``stream`` and a UDP socket of the relay's own,
+    until the TCP peer closes the connection (see ``carry``)."""
+    sender = UdpSender(udp.sock, counters, destination=udp.destination)
+    inbound = SocketInbound(udp, counters)
+    await carry(stream, inbound, sender, counters, max_delay=max_delay, proof=proof)
+
+
+async def carry(
+    stream: trio.abc.Stream,
+    inbound: Inbound,
+    sender: UdpSender,
+    counters: Counters,
+    *,
+    max_delay: float,
+    proof: Proof | None = None,
 ) -> None:
     """Carry datagrams both ways until the TCP peer closes the connection.
 
     Args:
         stream: the TCP connection; this is its only reader and its only writer.
-        udp: the UDP sockets of this port pair.
+        inbound: the datagrams for the tunnel.
+        sender: sends the datagrams from the tunnel.
         counters: updated as datagrams pass or are dropped.
         max_delay: seconds a frame from TCP may wait here before it is dropped as too late.
-        first_bytes: called once, when the first bytes have come from TCP.
-        first_frame: called once, when the first whole frame has come from TCP.
+        proof: told when the first bytes, and the first whole frame, have come from TCP.
 
     Raises:
-        TunnelError: if the TCP connection breaks (reset, or a write to a closed peer).
+        TunnelError: if the TCP connection breaks (reset, or a write to a closed peer), or
+            UDP sending fails for good.
     """
     async with trio.open_nursery() as nursery:
         stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
-        to_udp = partial(tcp_to_udp, stream, udp, counters, max_delay, first_bytes, first_frame)
+        to_udp = partial(tcp_to_udp, stream, sender, max_delay, proof)
         nursery.start_soon(run_then, stop, to_udp)
-        nursery.start_soon(udp_to_tcp, udp, stream, counters)
+        nursery.start_soon(udp_to_tcp, inbound, stream, counters)
+
+
+class Proof(Protocol):
+    """Told how far a new connection has got: its first bytes, its first whole frame."""
+
+    def began(self) -> None: ...
+
+    def prove(self) -> None: ...
 
 
 async def run_then(stop: Callable[[], object], run: Callable[[], Awaitable[object]]) -> None:
@@ -104,12 +124,7 @@ async def run_then(stop: Callable[[], object], run: Callable[[], Awaitable[objec
 
 
 async def tcp_to_udp(
-    stream: trio.abc.Stream,
-    udp: UdpSockets,
-    counters: Counters,
-    max_delay: float,
-    first_bytes: Callable[[], object] | None = None,
-    first_frame: Callable[[], object] | None = None,
+    stream: trio.abc.Stream, sender: UdpSender, max_delay: float, proof: Proof | None = None
 ) -> None:
     """Send every complete frame from the TCP stream as a UDP datagram; return at EOF.
 
@@ -118,17 +133,16 @@ async def tcp_to_udp(
     """
     decoder = Decoder()
     backlog = Backlog(stream)
-    sender = UdpSender(udp.send, counters)
     receive = reader(stream)
+    counters = sender.counters
     while data := await receive():
         started = time.monotonic()
-        if first_bytes:
-            first_bytes()
-            first_bytes = None
         frames = decoder.feed(data)
-        if first_frame and frames:
-            first_frame()
-            first_frame = None
+        if proof:
+            proof.began()
+            if frames:
+                proof.prove()
+                proof = None
         # Only a full read is a sign of backlog: a short one emptied the kernel's queue.
         busy = len(data) == TCP_RECEIVE_SIZE
         if busy and (excess := backlog.excess(len(data), max_delay)) > 0:
@@ -190,31 +204,57 @@ def _drop_oldest(frames: list[memoryview], excess: float, counters: Counters) ->
     return frames[count:]
 
 
-async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counters) -> None:
-    """Send every UDP datagram received, except our own, as frames on the TCP stream.
+async def udp_to_tcp(inbound: Inbound, stream: trio.abc.Stream, counters: Counters) -> None:
+    """Send every datagram from ``inbound`` as frames on the TCP stream, a batch per write.
 
     Raises:
         TunnelError: if the TCP connection breaks.
     """
-    verbose = log.isEnabledFor(logging.DEBUG)
-    sock, own = udp.receive, udp.own_addresses
-    check, allows = bool(udp.sources), udp.sources.allows
-    receive = sock.recvfrom_into
     # Anonymous memory: a page costs resident memory only once a datagram lands in it, so a
     # relay that carries small datagrams (one of many flows, say) stays small.
     buffer = mmap.mmap(-1, BATCH_SIZE + HEADER.size + MAX_DATAGRAM)
     view = memoryview(buffer)
-    pack = HEADER.pack_into
     fd = fd_of(stream)  # a plain TCP socket: write it straight
     while True:
+        end, count, emptied = inbound.drain(buffer, view)
+        if end:
+            await _send_tcp(stream, fd, view[:end])
+            counters.udp_to_tcp_datagrams += count
+            counters.udp_to_tcp_bytes += end - HEADER.size * count
+        if emptied:  # sleep until more comes; while busy, never ask epoll
+            await inbound.wait()
+        else:
+            await trio.lowlevel.checkpoint()  # let the other direction, and cancellation, in
+
+
+class SocketInbound:
+    """The datagrams that arrive on a relay's own UDP socket, but for our own and those from
+    sources not allowed, which are dropped and counted. Errors that ICMP left on the socket
+    (a destination's port closed or unreachable, for an earlier datagram) end nothing: the
+    service behind the tunnel may be restarting."""
+
+    def __init__(self, udp: UdpEnd, counters: Counters) -> None:
+        self.sock = udp.sock
+        self.own = udp.own_addresses
+        self.sources = udp.sources
+        self.counters = counters
+        self.verbose = log.isEnabledFor(logging.DEBUG)
+
+    def drain(self, buffer: mmap.mmap, view: memoryview) -> tuple[int, int, bool]:
+        counters, own, verbose = self.counters, self.own, self.verbose
+        check, allows = bool(self.sources), self.sources.allows
+        receive, pack = self.sock.recvfrom_into, HEADER.pack_into
         end = count = 0
-        emptied = False
         while end < BATCH_SIZE:
             try:
                 size, source = receive(view[end + HEADER.size :], MAX_DATAGRAM)
             except BlockingIOError:
-                emptied = True
-                break
+                return end, count, True
+            except OSError as exc:  # an error from ICMP, for an earlier datagram
+                if exc.errno not in ICMP_ERRORS:
+                    raise TunnelError(f"cannot receive UDP: {exc.strerror}") from exc
+                log.debug("%s on the UDP socket; clearing.", errno.errorcode[exc.errno])
+                continue
             if verbose:
                 log.debug("Received %d byte UDP packet from %s/%d", size, *source[:2])
             if source[:2] in own:
@@ -228,14 +268,10 @@ async def udp_to_tcp(udp: UdpSockets, stream: trio.abc.Stream, counters: Counter
             pack(buffer, end, size)
             end += HEADER.size + size
             count += 1
-        if end:
-            await _send_tcp(stream, fd, view[:end])
-            counters.udp_to_tcp_datagrams += count
-            counters.udp_to_tcp_bytes += end - HEADER.size * count
-        if emptied:  # sleep until more comes; while busy, never ask epoll
-            await trio.lowlevel.wait_readable(sock)
-        else:
-            await trio.lowlevel.checkpoint()  # let the other direction, and cancellation, in
+        return end, count, False
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
 
 
 async def _send_tcp(stream: trio.abc.Stream, fd: int, data: memoryview) -> None:
@@ -256,10 +292,10 @@ async def _send_tcp(stream: trio.abc.Stream, fd: int, data: memoryview) -> None:
             raise TunnelError(f"TCP connection lost while sending: {_reason(exc)}") from exc
 
 
-async def discard(udp: UdpSockets, counters: Counters) -> None:
+async def discard(udp: UdpEnd, counters: Counters) -> None:
     """While no tunnel is up: take every datagram that arrives and count it as dropped, so
     that none waits to be delivered late. Runs until cancelled."""
-    sock, scrap = udp.receive, bytearray(1)  # the rest of each datagram is cut off
+    sock, scrap = udp.sock, bytearray(1)  # the rest of each datagram is cut off
     while True:
         try:
             sock.recv_into(scrap, 1)

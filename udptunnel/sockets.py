@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -23,7 +24,6 @@ from .allow import SourceFilter
 from .config import RTP_PAIR as RTP_RELAYS
 from .config import Address
 from .errors import ConfigError, TunnelError
-from .relay import TCP_RECEIVE_SIZE, UdpSockets
 from .systemd import ListenSocket
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SockAddr = tuple[Any, ...]  # (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
 Resolved = tuple[int, SockAddr]  # (address family, socket address)
 WILDCARD: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+GOODBYE_READ = 64 * 1024  # bytes per read while draining a closing connection
 UNSENT_LIMIT = 64 * 1024  # bytes the kernel may hold unsent: enough to keep the link busy
 CLOSE_GRACE = 2.0  # seconds a closing connection waits for the peer's end before giving up
 ACCEPT_BACKOFF_FIRST = 0.01  # seconds: the first pause after accept() fails
@@ -67,6 +68,28 @@ def is_multicast(sockaddr: SockAddr) -> bool:
     return ipaddress.ip_address(sockaddr[0].partition("%")[0]).is_multicast
 
 
+@dataclass(frozen=True, eq=False)
+class UdpEnd:
+    """The UDP side of one relay: one non-blocking socket that receives the datagrams for
+    the tunnel and sends those from it, so that the destination sees the tunnel's port and
+    its replies come back into the tunnel (WireGuard, OpenVPN, symmetric RTP answer to the
+    address a datagram came from).
+
+    Attributes:
+        sock: bound where datagrams for the tunnel arrive (and connected to the destination,
+            for a server flow's socket of its own).
+        destination: where datagrams from the tunnel go; None if ``sock`` is connected.
+        own_addresses: where our own datagrams come from, as this socket sees them: sent to
+            an address of our own (the original's self-loop), they come back and are dropped.
+        sources: who may send into the tunnel (--allow-from); by default, anyone.
+    """
+
+    sock: socket.socket
+    destination: SockAddr | None = None
+    own_addresses: frozenset[tuple[str, int]] = frozenset()
+    sources: SourceFilter = field(default_factory=lambda: SourceFilter(()))
+
+
 def open_udp(
     stack: contextlib.ExitStack[Any],
     destination: Resolved,
@@ -75,48 +98,91 @@ def open_udp(
     ttl: int,
     bind_was_given: bool,
     sources: SourceFilter,
-) -> UdpSockets:
-    """Open the send socket (connected to the destination) and the receive socket (bound).
+) -> UdpEnd:
+    """Open a relay's UDP socket: bound where datagrams for the tunnel arrive, and sending
+    from there to the destination.
 
-    A multicast destination is sent to with the TTL and without loopback, and joined by the
-    receive socket when that is bound to the group or to every address.
+    A multicast destination is sent to with the TTL and without loopback, and joined when
+    the socket is bound to the group or to every address.
 
     Raises:
         TunnelError: naming the address that failed.
     """
     family, target = destination
-    send = stack.enter_context(socket.socket(family, socket.SOCK_DGRAM))
-    send.setblocking(False)
-    try:
-        if is_multicast(target):
-            _set_multicast_sending(send, family, ttl)
-        send.connect(target)
-    except OSError as exc:
-        raise TunnelError(f"cannot send UDP to {show(target)}: {strerror(exc)}") from exc
-
     bind_family, local = bind
-    receive = stack.enter_context(socket.socket(bind_family, socket.SOCK_DGRAM))
-    receive.setblocking(False)
+    sock = stack.enter_context(socket.socket(bind_family, socket.SOCK_DGRAM))
+    sock.setblocking(False)
     try:
-        receive.bind(local)
+        sock.bind(local)
     except OSError as exc:
         hint = ""
         if exc.errno == errno.EADDRINUSE and not bind_was_given:
             hint = " (--udp-bind chooses another address or port)"  # an app shares the host
         raise TunnelError(f"cannot receive UDP on {show(local)}: {strerror(exc)}{hint}") from exc
-    if is_multicast(target) and bind_family == family and local[0] in (target[0], WILDCARD[family]):
+    if bind_family != family:
+        raise TunnelError(
+            f"cannot send UDP to {show(target)} from {show(local)}: not the same address family"
+        )
+    if is_multicast(target):
         try:
-            _join(receive, family, target)
+            _set_multicast_sending(sock, family, ttl)
         except OSError as exc:
-            raise TunnelError(f"cannot join multicast group {target[0]}: {strerror(exc)}") from exc
-        log.info("Joined multicast group %s", target[0])
-    return UdpSockets(receive, send, _own_addresses(send.getsockname()), sources)
+            raise TunnelError(f"cannot send UDP to {show(target)}: {strerror(exc)}") from exc
+        if local[0] in (target[0], WILDCARD[family]):
+            try:
+                _join(sock, family, target)
+            except OSError as exc:
+                raise TunnelError(
+                    f"cannot join multicast group {target[0]}: {strerror(exc)}"
+                ) from exc
+            log.info("Joined multicast group %s", target[0])
+    try:
+        own = own_addresses(sock.getsockname(), destination)
+    except OSError as exc:
+        raise TunnelError(f"cannot send UDP to {show(target)}: {strerror(exc)}") from exc
+    return UdpEnd(sock, target, own, sources)
 
 
-def _own_addresses(sockaddr: SockAddr) -> frozenset[tuple[str, int]]:
-    """Where the send socket's datagrams come from, as a receive socket of either family
-    would see them: ours, looped back, are dropped (the original's self-loop)."""
-    host, port = sockaddr[:2]
+def open_flow_udp(where: Resolved, *, bind: bool) -> socket.socket:
+    """A non-blocking UDP socket for flow mode, bound to ``where`` (the client's one socket:
+    every flow's datagrams arrive there and its replies leave there) or connected to it (a
+    server flow's own, so that only the destination's replies come back to it). The caller
+    closes it.
+
+    Raises:
+        TunnelError: if there is no socket to be had (out of descriptors), or the address
+            cannot be bound or reached.
+    """
+    family, address = where
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise TunnelError(f"cannot open a UDP socket: {strerror(exc)}") from exc
+    try:
+        sock.setblocking(False)
+        (sock.bind if bind else sock.connect)(address)
+    except OSError as exc:
+        sock.close()
+        what = "receive UDP on" if bind else "send UDP to"
+        raise TunnelError(f"cannot {what} {show(address)}: {strerror(exc)}") from exc
+    return sock
+
+
+def own_addresses(local: SockAddr, destination: Resolved) -> frozenset[tuple[str, int]]:
+    """Where our datagrams to ``destination`` come from, as a socket of either family would
+    see them: the address the route to it leaves from, and our port. Sent to an address of
+    our own, they come back to us, and are dropped (the original's self-loop).
+
+    Raises:
+        OSError: the destination cannot be sent to from here (no route, or a broadcast
+            address, which needs SO_BROADCAST).
+    """
+    family, target = destination
+    host, port = local[:2]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(target)  # sends nothing: only asks the routing table
+        if host == WILDCARD[family]:
+            host = probe.getsockname()[0]
     if ":" in host:
         return frozenset({(host, port)})
     return frozenset({(host, port), (_MAPPED_PREFIX + host, port)})
@@ -310,7 +376,7 @@ async def _goodbye(stream: trio.SocketStream) -> None:
     data would send a reset, which the peer would rightly take for a failure."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await stream.send_eof()
-        while await stream.receive_some(TCP_RECEIVE_SIZE):
+        while await stream.receive_some(GOODBYE_READ):
             pass
 
 
@@ -325,27 +391,6 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
             log.warning("Cannot accept a TCP connection (%s); retrying", exc.strerror)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
-
-
-class Unproven:
-    """Connections that have not yet proved themselves, oldest first. Past the limit, the
-    oldest is reset to make room: a crowd of stalled connections can occupy the server's
-    attention for at most the handshake timeout, and cannot keep a newcomer out."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._waiting: dict[trio.CancelScope, None] = {}  # in order of arrival
-
-    def add(self, flow: trio.CancelScope) -> None:
-        """A new connection; the oldest are ended (their tasks reset them) past the limit."""
-        while len(self._waiting) >= self.limit:
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
-            oldest.cancel(reason="pushed out by newer connections")
-        self._waiting[flow] = None
-
-    def discard(self, flow: trio.CancelScope) -> None:
-        self._waiting.pop(flow, None)
 
 
 def refuse(stream: trio.SocketStream) -> None:

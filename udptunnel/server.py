@@ -1,0 +1,127 @@
+"""The server end of a single tunnel: take one connection per port pair, refuse the rest.
+
+Connections are taken as acceptance.py takes them. In plain TCP the first to come is
+carried, as the original did; in TLS, the first to finish its handshake (every connection
+that comes meanwhile shakes hands at once, within the handshake timeout and the room for
+unproven connections). While a tunnel runs, every further client is refused at once, not
+left hanging. With ``--persist`` the server then goes back to waiting for the next client.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from .acceptance import Admission, accept_each, accept_first, refuse_all
+from .errors import TunnelError
+from .session import Session
+from .sockets import Connections, peer, reset
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """Serves a session's tunnels to the clients that come.
+
+    Args:
+        session: the UDP side, carried over each tunnel.
+        admission: TLS, and the room for connections still shaking hands.
+        keepalive: seconds of silence before TCP keepalive probes, or None.
+        connect_timeout: in RTP mode with ``persist``, how long the second connection
+            has to come after the first.
+        persist: serve one client after another, until cancelled.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        admission: Admission,
+        *,
+        keepalive: int | None,
+        connect_timeout: float,
+        persist: bool,
+    ) -> None:
+        self.session, self.admission = session, admission
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.persist = persist
+
+    async def serve(self, listener_sets: list[list[trio.SocketListener]]) -> None:
+        """Take one connection per port pair, refuse the rest while the tunnel runs; with
+        ``persist``, then go back to accepting."""
+        counters = self.session.counters
+        while True:
+            counters.state = "waiting for a client"
+            served = False
+            async with (
+                Connections(self.keepalive) as connections,
+                trio.open_nursery() as refusers,
+            ):
+                async with self.session.discarding():
+                    streams: list[trio.SocketStream] = []
+                    secured: list[trio.abc.Stream] = []
+                    for listeners in listener_sets:
+                        # In RTP mode a persistent server gives the second connection the
+                        # connect timeout to come: a stray first one must not wedge it.
+                        second = streams and self.persist
+                        with trio.move_on_after(self.connect_timeout if second else math.inf):
+                            raw, stream = await self._accept(connections, listeners)
+                            streams.append(raw)
+                            secured.append(stream)
+                            for listener in listeners:
+                                refusers.start_soon(refuse_all, listener)
+                if len(streams) < len(listener_sets):
+                    log.warning(
+                        "No second connection within %g s of %s; closing it",
+                        self.connect_timeout,
+                        peer(streams[0]),
+                    )
+                else:
+                    for raw in streams:  # now: the datagrams from here on are carried
+                        log.info("TCP connection from %s", peer(raw))
+                    await self.session.carry(secured)
+                    served = True
+                refusers.cancel_scope.cancel(reason="the tunnel ended")
+            if served and not self.persist:
+                return
+
+    async def _accept(
+        self, connections: Connections, listeners: list[trio.SocketListener]
+    ) -> tuple[trio.SocketStream, trio.abc.Stream]:
+        """The connection this port pair will carry, and the stream to carry it over: in
+        plain TCP, the first to come; in TLS, the first to finish its handshake. The others
+        are reset."""
+        if self.admission.tls is None:
+            stream = await accept_first(connections, listeners)
+            return stream, stream
+        admission = self.admission
+        won: list[tuple[trio.SocketStream, trio.abc.Stream]] = []
+
+        async def shake_hands(stream: trio.SocketStream) -> None:
+            who = peer(stream)  # before a failed handshake resets it
+            try:
+                async with admission.proving(stream) as proof:
+                    try:
+                        secured = await admission.secure(stream, proof)
+                    except TunnelError as exc:
+                        log.warning("Closed TCP connection from %s: %s", who, exc)
+                        return
+                    if not won:
+                        won.append((stream, secured))
+                        race.cancel_scope.cancel(reason="a client got in")
+            finally:
+                if not won or won[0][0] is not stream:
+                    reset(stream)
+
+        try:
+            async with trio.open_nursery() as race:
+                for listener in listeners:
+                    race.start_soon(accept_each, listener, race, shake_hands)
+        except BaseException:  # cancelled from outside just as one won: not ours to keep
+            if won:
+                reset(won[0][0])
+            raise
+        raw, secured = won[0]
+        return connections.adopt(raw), secured
