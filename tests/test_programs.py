@@ -45,6 +45,7 @@ Spawn = type[Process]
 
 TCP_PORT = 6000  # the server end's port in tunB (HAProxy's frontend in its test)
 TRACEBACK = "Traceback (most recent call last)"
+LOG_LINES = 25  # the last lines of each process that a failure shows
 FLOWS = ["--flows"]
 DEFAULT: list[str] = []
 MODES = [pytest.param(DEFAULT, id="default"), pytest.param(FLOWS, id="flows")]
@@ -139,7 +140,9 @@ def telling(processes: list[Process]) -> Iterator[None]:
     except AssertionError as exc:
         for process in processes:
             process.kill()
-        logs = "".join(f"\n--- {' '.join(p.argv)}\n{p.stderr}" for p in processes)
+        logs = "".join(
+            f"\n--- {' '.join(p.argv)}\n" + "\n".join(p.lines[-LOG_LINES:]) for p in processes
+        )
         raise AssertionError(f"{exc}{logs}") from exc
 
 
@@ -329,4 +332,78 @@ def test_openvpn(chain: Chain, spawn: Spawn, tmp_path: Path) -> None:
             "a first ping answered through OpenVPN",
         )
         assert ping(chain.app_a, OVPN_B, PINGS, deadline) == PINGS
+    assert_unharmed(server, client)
+
+
+# --- dnsmasq behind a flow-mode server with the default limits --------------------------------
+
+DNS_PORT = 53
+NAME, ADDRESS = "test.example", "198.18.9.9"  # the one record dnsmasq answers
+QUERIES = 300  # from 300 source ports, more than the default --max-flows (256)
+QUERIES_WITHIN = 60.0  # seconds: all of them, so none of their flows times out in between
+DIG_TRY = 2  # seconds dig waits for its one try
+RESTART_QUERIES = 20
+
+
+def start_dnsmasq(spawn: Spawn, namespace: Namespace) -> Process:
+    """dnsmasq on appB's address, answering ``NAME`` from its own record, and nothing else."""
+    dnsmasq = spawn(
+        [
+            *("dnsmasq", "--keep-in-foreground", "--log-facility=-", "--conf-file=/dev/null"),
+            *("--no-resolv", "--no-hosts", "--pid-file", f"--address=/{NAME}/{ADDRESS}"),
+            *(f"--listen-address={APP_B}", "--bind-interfaces", f"--port={DNS_PORT}"),
+            *("--user=root", "--group=root"),
+        ],
+        prefix=namespace.prefix,
+    )
+    dnsmasq.wait_for(r"started, version")  # logged once its sockets are bound
+    return dnsmasq
+
+
+def dig(namespace: Namespace, deadline: Deadline) -> str:
+    """One query for ``NAME`` through the tunnel, from a port of dig's own; the answer or ''."""
+    result = run(
+        namespace,
+        [
+            "dig",
+            "+short",
+            "+tries=1",
+            f"+time={DIG_TRY}",
+            "-p",
+            str(DNS_PORT),
+            f"@{TUN_A_LAN}",
+            NAME,
+        ],
+        timeout=deadline.left(DIG_TRY + WAIT),
+    )
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+@pytest.mark.root
+@pytest.mark.needs("dnsmasq", "dig")
+def test_dnsmasq(chain: Chain, spawn: Spawn) -> None:
+    """300 queries from 300 ports in a minute, then the server restarted under the tunnel.
+
+    While dnsmasq is down, a query goes unanswered (its flow's datagram is refused by ICMP at
+    the server end); once it is back, queries are answered again by the same tunnel ends.
+    """
+    deadline = Deadline(100)
+    dnsmasq = start_dnsmasq(spawn, chain.app_b)
+    server, client = start_tunnel(chain, spawn, DNS_PORT, FLOWS)
+    with telling(watched := [server, client, dnsmasq]):
+        started = time.monotonic()
+        for number in range(QUERIES):
+            assert dig(chain.app_a, deadline) == ADDRESS, f"query {number} unanswered"
+        assert time.monotonic() - started < QUERIES_WITHIN
+
+        dnsmasq.kill()
+        assert dig(chain.app_a, deadline) == ""
+        watched.append(dnsmasq := start_dnsmasq(spawn, chain.app_b))
+        wait_until(
+            lambda: dig(chain.app_a, deadline) == ADDRESS,
+            deadline.left(),
+            "an answer from dnsmasq restarted behind the running tunnel",
+        )
+        for number in range(RESTART_QUERIES):
+            assert dig(chain.app_a, deadline) == ADDRESS, f"query {number} after the restart"
     assert_unharmed(server, client)
