@@ -20,6 +20,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -407,3 +408,129 @@ def test_dnsmasq(chain: Chain, spawn: Spawn) -> None:
         for number in range(RESTART_QUERIES):
             assert dig(chain.app_a, deadline) == ADDRESS, f"query {number} after the restart"
     assert_unharmed(server, client)
+
+
+# --- HAProxy health-checking two flow-mode servers --------------------------------------------
+
+ECHO_PORT = 7
+FLOW_SERVER_PORTS = (6001, 6002)  # the two servers behind HAProxy, on tunB's loopback
+SOURCES = 20
+CHECKED_FOR = 30.0  # seconds of traffic while HAProxy checks the servers every 500 ms
+ROUND_PAUSE = 0.1  # seconds between rounds: pacing the traffic, not waiting for anything
+
+ECHO = """
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.bind((sys.argv[1], int(sys.argv[2])))
+    print("echoing", file=sys.stderr, flush=True)
+    while True:
+        data, source = sock.recvfrom(65535)
+        sock.sendto(data, source)
+"""
+
+HAPROXY = f"""
+global
+    stats socket {{stats}} mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+frontend udptunnel
+    bind {TUN_B_WAN}:{TCP_PORT}
+    default_backend tunnels
+backend tunnels
+    balance roundrobin
+    server a 127.0.0.1:{FLOW_SERVER_PORTS[0]} check inter 500ms
+    server b 127.0.0.1:{FLOW_SERVER_PORTS[1]} check inter 500ms
+"""
+
+
+def tcp_listening(namespace: Namespace, port: int) -> bool:
+    """Whether some socket in ``namespace`` listens on TCP ``port`` (IPv4)."""
+    with namespace.entered():
+        lines = Path("/proc/thread-self/net/tcp").read_text().splitlines()[1:]
+    listen = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
+    return any(
+        int(fields[1].rpartition(":")[2], 16) == port and fields[3] == listen
+        for fields in map(str.split, lines)
+    )
+
+
+def haproxy_servers(stats: Path) -> dict[str, dict[str, str]]:
+    """HAProxy's view of each backend server (``show stat`` on its stats socket): its name to
+    its CSV fields."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(str(stats))
+        sock.sendall(b"show stat\n")
+        text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    header, *rows = text.lstrip("# ").splitlines()
+    records = [dict(zip(header.split(","), row.split(","), strict=False)) for row in rows if row]
+    return {r["svname"]: r for r in records if r["pxname"] == "tunnels" and r["svname"] in "ab"}
+
+
+def exchange(sources: Sequence[socket.socket], entry: tuple[str, int], round_: int) -> None:
+    """Each source sends a datagram of its own, and gets exactly that one back."""
+    sent = [f"{n}:{round_}:".encode() + random.randbytes(n * 10) for n in range(len(sources))]
+    for source, payload in zip(sources, sent, strict=True):
+        source.sendto(payload, entry)
+    for number, (source, payload) in enumerate(zip(sources, sent, strict=True)):
+        try:
+            assert source.recv(65536) == payload, f"source {number} got another's datagram"
+        except TimeoutError:
+            raise AssertionError(f"source {number}: no reply in round {round_}") from None
+
+
+@pytest.mark.root
+@pytest.mark.needs("haproxy")
+def test_haproxy(chain: Chain, spawn: Spawn, tmp_path: Path) -> None:
+    """20 sources through a flow-mode client, HAProxy and two flow-mode servers, for 30 s.
+
+    HAProxy's health checks open and close a connection to each server every 500 ms, in
+    among the flows that carry traffic; the servers and the client must take it.
+    """
+    deadline = Deadline(CHECKED_FOR + 40)
+    echo = spawn([sys.executable, "-c", ECHO, APP_B, str(ECHO_PORT)], prefix=chain.app_b.prefix)
+    echo.wait_for("^echoing$")
+    flow_servers = []
+    for port in FLOW_SERVER_PORTS:
+        flow_servers.append(
+            spawn(
+                [UDPTUNNEL, "-v", "--flows", "-s", f"127.0.0.1/{port}", f"{APP_B}/{ECHO_PORT}"],
+                prefix=chain.tun_b.prefix,
+            )
+        )
+        flow_servers[-1].wait_for(rf"^Listening for TCP connections on port {port}\b")
+    stats = tmp_path / "haproxy.sock"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY.format(stats=stats))
+    haproxy = spawn(["haproxy", "-db", "-f", str(config)], prefix=chain.tun_b.prefix)
+    client = spawn(
+        [UDPTUNNEL, "-v", "--flows", "-c", f"{TUN_B_WAN}/{TCP_PORT}", f"{TUN_A_LAN}/{ECHO_PORT}"],
+        prefix=chain.tun_a.prefix,
+    )
+    client.wait_for(r"^Receiving flows on UDP")
+    entry = (TUN_A_LAN, ECHO_PORT)
+    with (
+        telling([*flow_servers, client, haproxy]),
+        contextlib.ExitStack() as stack,
+    ):
+        wait_until(lambda: tcp_listening(chain.tun_b, TCP_PORT), deadline.left(), "HAProxy")
+        sources = [
+            stack.enter_context(chain.app_a.open_udp_socket(APP_A, timeout=WAIT))
+            for _ in range(SOURCES)
+        ]
+        exchange(sources, entry, 0)
+        end = time.monotonic() + CHECKED_FOR
+        round_ = 1
+        while time.monotonic() < end:
+            exchange(sources, entry, round_)
+            round_ += 1
+            time.sleep(ROUND_PAUSE)
+        servers = haproxy_servers(stats)
+        assert {name: s["status"] for name, s in servers.items()} == {"a": "UP", "b": "UP"}
+        assert all(s["chkfail"] == "0" for s in servers.values()), servers
+        assert all(int(s["stot"]) >= SOURCES // 2 for s in servers.values()), servers
+        exchange(sources, entry, round_)
+    assert_unharmed(*flow_servers, client)
