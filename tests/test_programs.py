@@ -34,7 +34,6 @@ from .netns import (
     APP_A,
     APP_B,
     TUN_A_LAN,
-    TUN_B_LAN,
     TUN_B_WAN,
     Chain,
     Namespace,
@@ -299,32 +298,35 @@ OVPN_A, OVPN_B = "198.18.11.1", "198.18.11.2"  # the ends of OpenVPN's tun link
 @pytest.mark.root
 @pytest.mark.needs("openvpn", "ping")
 def test_openvpn(chain: Chain, spawn: Spawn, tmp_path: Path) -> None:
-    """OpenVPN over UDP with a static key, each end's remote being its tunnel end's port.
+    """OpenVPN over UDP with a static key, point to point, answering pings.
 
-    Without ``--float`` OpenVPN takes datagrams only from its remote's address and port, so
-    the tunnel must send from the port it receives on.
+    appB's end replies to the address and port that appA's datagrams come from, and appA's
+    end, which has a remote and no ``--float``, takes datagrams only from that remote's
+    address and port: both work only if the tunnel sends from the port it receives on.
     """
     deadline = Deadline(60)
     server, client = start_tunnel(chain, spawn, OPENVPN_PORT, DEFAULT)
     with telling(watched := [server, client]):
         key = tmp_path / "static.key"
         subprocess.run(["openvpn", "--genkey", "secret", str(key)], capture_output=True, check=True)
-        watched += [
-            spawn(
+        # appB's end first, and without a remote: it answers wherever appA's end talks from.
+        # appA's end has tunA's end of the tunnel as its remote, and starts talking at once.
+        for namespace, local, remote, remote_options in (
+            (chain.app_b, OVPN_B, OVPN_A, []),
+            (chain.app_a, OVPN_A, OVPN_B, ["--remote", TUN_A_LAN]),
+        ):
+            end = spawn(
                 [
                     *("openvpn", "--dev", "tun", "--ifconfig", local, remote),
                     # 2.6 wants the static key's cipher named: its default ciphers are AEAD.
                     *("--secret", str(key), "--cipher", "AES-256-CBC"),
-                    *("--proto", "udp", "--port", str(OPENVPN_PORT), "--remote", tunnel_end),
+                    *("--proto", "udp", "--port", str(OPENVPN_PORT), *remote_options),
                     *("--verb", "3", "--log", "/dev/stderr"),
                 ],
                 prefix=namespace.prefix,
             )
-            for namespace, local, remote, tunnel_end in (
-                (chain.app_a, OVPN_A, OVPN_B, TUN_A_LAN),
-                (chain.app_b, OVPN_B, OVPN_A, TUN_B_LAN),
-            )
-        ]
+            watched.append(end)
+            namespace.wait_udp_bound(OPENVPN_PORT, deadline.left())
         # Each end logs "Initialization Sequence Completed" once it has heard the other, but
         # it logs on and on while it rejects datagrams, which would keep a wait_for alive.
         wait_until(
