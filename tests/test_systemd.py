@@ -27,7 +27,16 @@ from udptunnel.systemd import (
     writes_to_journal,
 )
 
-from .conftest import BIN, UDPTUNNEL, WAIT, Process, free_even_port, free_port, udp_socket
+from .conftest import (
+    BIN,
+    UDPTUNNEL,
+    WAIT,
+    Echo,
+    Process,
+    free_even_port,
+    free_port,
+    udp_socket,
+)
 
 LOOPBACK = "127.0.0.1"
 UNITS = Path(__file__).parent.parent / "contrib" / "systemd"
@@ -275,3 +284,40 @@ def test_in_rtp_mode_the_sockets_named_rtp_and_rtcp_serve_their_ports(
         assert behind[offset].recv(100) == name
     for sock in client_apps + behind:
         sock.close()
+
+
+@pytest.mark.needs("systemd-socket-activate")
+def test_a_flow_mode_server_serves_its_flows_on_the_activated_socket(
+    spawn: type[Process],
+) -> None:
+    port, client_in = free_port(), free_port()
+    echo = Echo()
+    server = spawn(
+        [
+            "systemd-socket-activate",
+            "-l",
+            f"{LOOPBACK}:{port}",
+            UDPTUNNEL,
+            "-v",
+            "--flows",
+            "-s",
+            str(port),
+            f"{LOOPBACK}/{echo.port}",
+        ]
+    )
+    server.wait_for(rf"Listening on {LOOPBACK}:{port}")
+    client = spawn(
+        [UDPTUNNEL, "-v", "--flows", "-c", f"{LOOPBACK}/{port}", f"{LOOPBACK}/{client_in}"]
+    )
+    client.wait_for("Receiving flows on UDP")
+    sources = [udp_socket(), udp_socket()]
+    for number, source in enumerate(sources):
+        payload = b"flow %d" % number
+        source.sendto(payload, (LOOPBACK, client_in))
+        assert source.recv(100) == payload  # each source gets its own replies back
+    server.wait_for(rf"Listening for TCP connections on {LOOPBACK}/{port} \(from systemd\)")
+    server.wait_for("Flow from .*: UDP", nth=2)
+    assert "Traceback" not in server.stderr
+    for source in sources:
+        source.close()
+    echo.close()

@@ -51,7 +51,7 @@ class Counters:
         self._children.remove(child)
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(child, name))
-        self._overflow_closed += child.dropped_overflow
+        self._overflow_closed += child._kernel_drops()
 
     @property
     def flows(self) -> int:
@@ -62,11 +62,11 @@ class Counters:
         """These counts with those of every live flow: a snapshot, for reports."""
         if not self._children:
             return self
-        snapshot = Counters(state=self.state, _overflow_closed=self.dropped_overflow)
+        snapshot = Counters(state=self.state, _overflow_closed=self._kernel_drops())
         for name in _SUMMED:
             value = getattr(self, name) + sum(getattr(child, name) for child in self._children)
             setattr(snapshot, name, value)
-        snapshot._overflow_closed += sum(child.dropped_overflow for child in self._children)
+        snapshot._overflow_closed += sum(child._kernel_drops() for child in self._children)
         return snapshot
 
     def watch_overflow(self, read: Callable[[], int]) -> Callable[[], None]:
@@ -83,8 +83,10 @@ class Counters:
     def dropped_overflow(self) -> int:
         """Into the tunnel: datagrams dropped because a queue was full, the kernel's receive
         queue or a flow's while it connects."""
-        live = sum(read() for read in self._overflow_live)
-        return self._overflow_closed + live + self.dropped_queue
+        return self._kernel_drops() + self.dropped_queue
+
+    def _kernel_drops(self) -> int:
+        return self._overflow_closed + sum(read() for read in self._overflow_live)
 
     @property
     def dropped(self) -> int:
