@@ -328,23 +328,37 @@ def fd_of(stream: trio.abc.Stream) -> int:
     return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
 
-async def receive_raw(fd: int) -> bytes:
-    """Read from a TCP socket straight, as ``receive_some`` would, but with one pass
-    through the scheduler per read instead of two: a read that follows a wait for data
-    needs no extra checkpoint, the wait was one."""
-    waited = False
-    while True:
-        try:
-            data = os.read(fd, TCP_RECEIVE_SIZE)
-        except BlockingIOError:
+class RawReader:
+    """Reads a plain TCP socket straight, as ``receive_some`` would, with one pass through
+    the scheduler per read instead of two, and no read that is bound to fail.
+
+    A read shorter than asked for took everything the kernel had: the next read waits for
+    data first, rather than failing with EAGAIN (a system call and an exception) and then
+    waiting, which at light traffic is every read. A full read may have left more: the
+    next one tries at once, after a checkpoint (a wait is one too).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._emptied = False  # the last read took all there was
+
+    async def __call__(self) -> bytes:
+        fd, waited = self._fd, self._emptied
+        if waited:
             await trio.lowlevel.wait_readable(fd)
-            waited = True
-            continue
-        except OSError as exc:
-            raise TunnelError(f"TCP connection lost while receiving: {exc.strerror}") from exc
-        if not waited:  # data was there at once: let the other direction, and cancellation, in
-            await trio.lowlevel.checkpoint()
-        return data
+        while True:
+            try:
+                data = os.read(fd, TCP_RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise TunnelError(f"TCP connection lost while receiving: {exc.strerror}") from exc
+            self._emptied = 0 < len(data) < TCP_RECEIVE_SIZE
+            if not waited:  # there at once: let the other direction, and cancellation, in
+                await trio.lowlevel.checkpoint()
+            return data
 
 
 def reader(stream: trio.abc.Stream) -> Callable[[], Awaitable[bytes | bytearray]]:
@@ -354,7 +368,7 @@ def reader(stream: trio.abc.Stream) -> Callable[[], Awaitable[bytes | bytearray]
     The reader raises TunnelError if the connection breaks.
     """
     fd = fd_of(stream)
-    return partial(receive_raw, fd) if fd >= 0 else partial(_receive, stream)
+    return RawReader(fd) if fd >= 0 else partial(_receive, stream)
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:
