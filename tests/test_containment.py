@@ -25,6 +25,7 @@ import trio.testing
 from udptunnel import sockets
 from udptunnel.config import Address, Config, Mode
 from udptunnel.counters import Counters
+from udptunnel.flows import OPENING_QUEUE, FlowQueue
 from udptunnel.framing import Decoder, encode
 from udptunnel.tunnel import run_tunnel
 
@@ -243,3 +244,24 @@ async def test_a_flow_out_of_descriptors_ends_alone(
             await peer.close()
         assert server.counters.flows_lost == 1
     assert "lost: cannot open a UDP socket: Too many open files" in caplog.text
+
+
+def test_a_flow_queue_larger_than_a_batch_is_counted_as_it_is_sent() -> None:
+    # 64 datagrams of 60,000 bytes wait while the flow connects: more than one batch. Each
+    # counts once, when it goes, and whatever is still waiting at the end counts as dropped.
+    counters = Counters()
+    queue = FlowQueue(counters)
+    sent = [bytes([n]) * 60_000 for n in range(OPENING_QUEUE)]
+    for datagram in sent:
+        queue.put(datagram)
+    queue.put(b"one too many")
+    assert counters.dropped_queue == 1
+    view = memoryview(bytearray(2 * 65_540))  # as the relay's batch: room for two of them
+    decoder, received, counted = Decoder(), [], 0
+    for _ in range(4):
+        end, count, _ = queue.drain(view, view)
+        counted += count
+        received += [bytes(frame) for frame in decoder.feed(view[:end])]
+    assert received == sent[:8] and counted == 8
+    queue.close()
+    assert counters.dropped_no_tunnel == OPENING_QUEUE - 8

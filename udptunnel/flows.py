@@ -164,8 +164,10 @@ class FlowQueue:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self.fd = -1  # the connection's descriptor, once connected (plain TCP only)
-        self.frames: collections.deque[bytes] = collections.deque()
-        self.waiting = 0  # whole datagrams among the frames (a frame may be a remainder)
+        # Frames, each with 1 if it is a whole datagram not yet counted, or 0 if it is the
+        # rest of one already counted (a partial write).
+        self.frames: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.waiting = 0  # whole datagrams among the frames
         self.busy = False  # the relay has frames in hand, being sent
         self.closed = False
         self._wake = trio.lowlevel.ParkingLot()
@@ -186,26 +188,28 @@ class FlowQueue:
                 counters.udp_to_tcp_datagrams += 1
                 counters.udp_to_tcp_bytes += len(datagram)
                 if written < len(frame):
-                    self.frames.append(frame[written:])  # the rest, before anything else
+                    self.frames.append((frame[written:], 0))  # the rest, before anything else
                     self._wake.unpark()
                 return
         if self.waiting >= OPENING_QUEUE:
             counters.dropped_queue += 1  # its connection cannot take them as fast
             return
-        self.frames.append(frame)
+        self.frames.append((frame, 1))
         self.waiting += 1
         self._wake.unpark()
 
     def drain(self, buffer: object, view: memoryview) -> tuple[int, int, bool]:
-        """Everything waiting, into ``view``: frames already carry their headers."""
-        end = 0
-        while self.frames and end + len(self.frames[0]) <= len(view):
-            frame = self.frames.popleft()
+        """What is waiting, as much as ``view`` holds: frames already carry their headers."""
+        end = count = 0
+        frames = self.frames
+        while frames and end + len(frames[0][0]) <= len(view):
+            frame, whole = frames.popleft()
             view[end : end + len(frame)] = frame
             end += len(frame)
-        count, self.waiting = self.waiting, 0
+            count += whole
+        self.waiting -= count
         self.busy = end > 0
-        return end, count, not self.frames
+        return end, count, not frames
 
     async def wait(self) -> None:
         while not self.frames:
