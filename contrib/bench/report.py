@@ -126,6 +126,8 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
         if "rounds" in case:
             each = "/".join(f"{r['delivered_per_s'] / 1000:.0f}k" for r in case["rounds"])
             parts.append(f"median of {each}")
+    if kind == "plain" and subject == "ours":
+        parts.append(versus_original(case, entry["subjects"].get("original")))
     if kind == "overload":
         size = entry["flows"][0]["size"]
         capacity = rate(results, CAPACITY_FOR.get(size, ""), subject)
@@ -157,7 +159,24 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
         parts.append(f"{reordered} reordered")
     if stalls:
         parts.append(f"{stalls} stalls")
-    return "; ".join(parts)
+    return "; ".join(part for part in parts if part)
+
+
+def versus_original(case: Case, original: Case | None) -> str:
+    """Ours as a multiple of the original at a paced rate: tunnel CPU per datagram (both
+    ends) and median latency, the two figures of issue 10. Beware the original's p50
+    where it holds a frame back until the next one comes (rtp-50: one period, 20 ms)."""
+    if not measured(original):
+        return ""
+    assert original is not None
+    cpu, theirs = case["cpu_us_per_datagram"]["both"], original["cpu_us_per_datagram"]["both"]
+    p50, their_p50 = case["total"]["p50_ms"], original["total"]["p50_ms"]
+    parts = []
+    if cpu and theirs:
+        parts.append(f"CPU {cpu / theirs:.1f}x original")
+    if p50 and their_p50:
+        parts.append(f"p50 {p50 / their_p50:.2f}x")
+    return ", ".join(parts)
 
 
 def shares(case: Case) -> dict[str, float]:
