@@ -164,8 +164,8 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
 
 def versus_original(case: Case, original: Case | None) -> str:
     """Ours as a multiple of the original at a paced rate: tunnel CPU per datagram (both
-    ends) and median latency, the two figures of issue 10. Beware the original's p50
-    where it holds a frame back until the next one comes (rtp-50: one period, 20 ms)."""
+    ends) and median latency, the two figures of issue 10. Beware the original's p50 in
+    a run where it holds each frame back until the next one comes (a period or two)."""
     if not measured(original):
         return ""
     assert original is not None
