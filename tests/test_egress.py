@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 
 from udptunnel.counters import Counters
@@ -180,3 +182,72 @@ def test_many_tiny_datagrams_let_other_tasks_run() -> None:
 
     trio.run(main)
     assert turns >= 3  # the other task ran while the sender was busy, not only after
+
+
+def test_a_send_that_yields_on_the_way_reports_everything_it_sent() -> None:
+    # Counting resumed after each look at the scheduler: 1,500 frames were once reported as
+    # the 476 since the last one, which skewed the backlog estimate into dropping too much.
+    datagrams = [b"c" * 10] * (YIELD_EVERY + 476)
+    with egress() as (_, app, counters, sender):
+        assert send(sender, datagrams) == (len(datagrams), 10 * len(datagrams))
+        assert len(received(app)) == len(datagrams)
+    assert counters.tcp_to_udp_datagrams == len(datagrams)
+
+
+def test_an_unconnected_socket_sends_runs_and_singles_to_its_destination() -> None:
+    datagrams = [b"r" * 500] * 20 + [b"alone"]
+    with udp_socket() as app, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+        app.setblocking(False)
+        out.setblocking(False)
+        out.bind(("127.0.0.1", 0))  # the tunnel's own port: the replies come back here
+        sender = UdpSender(out, Counters(), destination=app.getsockname())
+        assert send(sender, datagrams) == (21, 10_005)
+        assert received(app) == datagrams
+        app.sendto(b"reply", out.getsockname())
+        assert out.recvfrom(100) == (b"reply", app.getsockname())
+
+
+class Stalled:
+    """A UDP socket whose sends fail with EAGAIN until ``room``; its descriptor is that of a
+    full stream socket, so that waiting for room really waits."""
+
+    def __init__(self, full: socket.socket) -> None:
+        self.full, self.room, self.sent = full, False, 0
+
+    def fileno(self) -> int:
+        return self.full.fileno()
+
+    def send(self, datagram: memoryview) -> int:
+        if not self.room:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.sent += 1
+        return len(datagram)
+
+    def sendmsg(self, buffers: list[memoryview], ancdata: object) -> int:
+        raise OSError(errno.EIO, "no segmentation here")
+
+
+async def test_senders_that_share_a_socket_wait_for_room_in_turn() -> None:
+    # A flow client's flows all answer from one socket: two waiting for room at once must
+    # not trip Trio's one-waiter rule (BusyResourceError).
+    full, drain = socket.socketpair()
+    with full, drain:
+        full.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                full.send(bytes(65536))
+        stalled, gate = Stalled(full), trio.Lock()
+        senders = [UdpSender(stalled, Counters(), gate=gate) for _ in range(3)]  # type: ignore[arg-type]
+        with trio.fail_after(CEILING):
+            async with trio.open_nursery() as nursery:
+                for sender in senders:
+                    nursery.start_soon(sender.send, views([b"waits"]))
+                await trio.testing.wait_all_tasks_blocked()
+                assert stalled.sent == 0
+                stalled.room = True
+                drain.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while drain.recv(1 << 20):
+                        pass
+    assert stalled.sent == 3
+    assert [s.counters.tcp_to_udp_datagrams for s in senders] == [1, 1, 1]

@@ -100,18 +100,17 @@ class FlowTable(Generic[F]):
 
     def _evict(self, now: float) -> bool:
         """End the least recently active flow idle for EVICTABLE_AFTER; False if none is."""
-        key, idle = None, EVICTABLE_AFTER
-        for candidate, flow in self._flows.items():
-            if (seconds := flow.idle(now)) >= idle:
+        key, idle = None, 0.0
+        for candidate, flow in self._flows.items():  # in order of arrival: ties go oldest
+            seconds = flow.idle(now)
+            if seconds >= EVICTABLE_AFTER and (key is None or seconds > idle):
                 key, idle = candidate, seconds
         if key is None:
             return False
         flow = self._flows.pop(key)
         flow.end("evicted")
         self.totals.flows_evicted += 1
-        log.info(
-            "Flow from %s ended after %.1f s idle, for a new one: too many flows", flow.name, idle
-        )
+        log.info("Flow from %s: idle %.1f s, ended to make room for a new one", flow.name, idle)
         return True
 
     async def sweep(self) -> None:

@@ -1,0 +1,88 @@
+"""The flow table as a NAT table: bounded, reusing the slot idle longest, ending idle flows.
+
+Virtual time (``autojump_clock``): nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+import trio.testing
+
+from udptunnel.counters import Counters
+from udptunnel.flowtable import EVICTABLE_AFTER, Flow, FlowTable
+
+TIMEOUT = 60.0
+
+
+def table(limit: int) -> FlowTable[Flow]:
+    return FlowTable[Flow](limit, TIMEOUT, Counters())
+
+
+def carry(flow: Flow) -> None:
+    """The flow carried a datagram just now."""
+    flow.counters.udp_to_tcp_datagrams += 1
+
+
+async def test_at_the_limit_the_flow_idle_longest_gives_its_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flows = table(limit=3)
+    a, b, c = (flows.add(key, partial(Flow, key)) for key in "abc")
+    assert a and b and c
+    await trio.sleep(5)
+    carry(a)  # a was busy 5 s in; b and c have been idle since they came, c came last
+    flows.get("b")  # looking a flow up is no activity
+    await trio.sleep(EVICTABLE_AFTER)
+    d = flows.add("d", partial(Flow, "d"))
+    assert d is not None
+    assert [b.ended, a.ended, c.ended] == ["evicted", None, None]  # b: the first of the oldest
+    assert flows.get("b") is None and len(flows) == 3
+    assert flows.totals.flows_evicted == 1 and flows.totals.flows_refused == 0
+
+
+async def test_when_every_flow_is_busy_a_newcomer_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flows = table(limit=2)
+    a, b = flows.add("a", partial(Flow, "a")), flows.add("b", partial(Flow, "b"))
+    assert a and b
+    await trio.sleep(EVICTABLE_AFTER / 2)
+    assert flows.add("c", partial(Flow, "c")) is None  # not idle long enough to give way
+    await trio.sleep(EVICTABLE_AFTER)
+    carry(a)
+    carry(b)
+    assert flows.add("c", partial(Flow, "c")) is None  # busy just now
+    assert flows.totals.flows_refused == 2 and a.ended is None and b.ended is None
+
+
+async def test_an_ended_flow_frees_its_slot_and_its_counts_join_the_totals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flows = table(limit=1)
+    a = flows.add("a", partial(Flow, "a"))
+    assert a is not None
+    carry(a)
+    flows.remove("a", a)
+    assert len(flows) == 0 and flows.totals.udp_to_tcp_datagrams == 1
+    assert flows.totals.flows == 0
+    b = flows.add("a", partial(Flow, "a"))  # the same source again: a new flow
+    assert b is not None and b is not a
+
+
+async def test_the_sweep_ends_flows_idle_for_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flows = table(limit=10)
+    quiet, chatty = flows.add("q", partial(Flow, "q")), flows.add("c", partial(Flow, "c"))
+    assert quiet and chatty
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flows.sweep)
+        for _ in range(int(TIMEOUT * 1.5 / 5)):
+            carry(chatty)
+            await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert quiet.ended == "idle" and quiet.scope.cancel_called
+    assert chatty.ended is None
+    assert flows.get("q") is None and flows.get("c") is chatty
