@@ -265,32 +265,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 )
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]", envvar=ENV + "UDP")
-def command(
-    servers: Sequence[str],
-    clients: Sequence[str],
-    rtp: bool,
-    udp_bind: str | None,
-    max_delay_ms: int,
-    verbose: int,
-    persist: bool,
-    reconnect_max: float,
-    keepalive: int | None,
-    idle_timeout: float | None,
-    connect_timeout: float,
-    flows: bool,
-    max_flows: int,
-    flow_timeout: float,
-    allow_from: Sequence[str],
-    reuse_port: bool,
-    tls: bool,
-    tls_cert: str | None,
-    tls_key: str | None,
-    tls_ca: str | None,
-    tls_server_name: str | None,
-    handshake_timeout: float,
-    max_handshakes: int,
-    udp: str,
-) -> int:
+def command(servers: Sequence[str], clients: Sequence[str], verbose: int, **options: Any) -> int:
     """Tunnel UDP datagrams both ways over one TCP connection.
 
     Datagrams arriving on UDP-PORT go into the tunnel; datagrams coming out of it are sent to
@@ -300,6 +275,7 @@ def command(
     Every option can also be set in the environment variable shown with it, and the
     UDP-ADDR/UDP-PORT in UDPTUNNEL_UDP; the command line wins. SIGUSR1 logs the counters.
     """
+    # The other options are build_config's keyword arguments, named as Click names them.
     servers, clients = _mode_from_the_command_line(servers, clients)
     if len(servers) + len(clients) > 1:
         raise _BadConfig("Only one of -s and -c may be specified.")
@@ -307,27 +283,7 @@ def command(
         config = build_config(
             server=servers[0] if servers else None,
             client=clients[0] if clients else None,
-            udp=udp,
-            udp_bind=udp_bind,
-            rtp=rtp,
-            max_delay_ms=max_delay_ms,
-            persist=persist,
-            reconnect_max=reconnect_max,
-            keepalive=keepalive,
-            idle_timeout=idle_timeout,
-            connect_timeout=connect_timeout,
-            flows=flows,
-            max_flows=max_flows,
-            flow_timeout=flow_timeout,
-            allow_from=allow_from,
-            reuse_port=reuse_port,
-            tls=tls,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_ca=tls_ca,
-            tls_server_name=tls_server_name,
-            handshake_timeout=handshake_timeout,
-            max_handshakes=max_handshakes,
+            **options,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc
