@@ -1,5 +1,5 @@
 """``python -m udptunnel``: the same as the ``udptunnel`` command."""
 
-from .cli import main
+from .launch import main
 
 main()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
 
-from . import __version__
+from . import __version__, launch
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FLOW_TIMEOUT,
@@ -30,6 +31,7 @@ from .config import (
 )
 from .counters import Counters
 from .errors import ConfigError, TunnelError, messages
+from .launch import STOP_SIGNALS
 from .systemd import NOTICE, JournalFormatter, Notifier, priority, writes_to_journal
 from .tunnel import Ready, run_tunnel
 
@@ -325,12 +327,15 @@ def run(config: Config) -> int:
 
 
 async def _run(config: Config, counters: Counters, notifier: Notifier) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, nursery.cancel_scope, notifier)
-        await nursery.start(_report_on_signal, counters)
-        await nursery.start(_run_then_stop, config, counters, nursery.cancel_scope)
-        notifier.notify(READY=1, STATUS=counters.status())
-        nursery.start_soon(notifier.run, counters.status)
+    # The signals are ours until the very end, shutdown included: one that comes while the
+    # tunnel closes waits unread in the receiver, instead of killing the process.
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGUSR1) as signals:
+        async with trio.open_nursery() as nursery:
+            watch = partial(_watch_signals, signals, nursery.cancel_scope, counters, notifier)
+            await nursery.start(watch)
+            await nursery.start(_run_then_stop, config, counters, nursery.cancel_scope)
+            notifier.notify(READY=1, STATUS=counters.status())
+            nursery.start_soon(notifier.run, counters.status)
 
 
 async def _run_then_stop(
@@ -345,32 +350,33 @@ async def _run_then_stop(
     scope.cancel(reason="the tunnel ended")
 
 
-async def _stop_on_signal(
+async def _watch_signals(
+    signals: AsyncIterator[int],
     scope: trio.CancelScope,
+    counters: Counters,
     notifier: Notifier,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """SIGINT, SIGTERM or SIGHUP ends the tunnel cleanly: sockets closed, exit 0."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            log.info("%s received, closing the tunnel", name)
-            notifier.notify(STOPPING=1, STATUS=f"{name} received, closing the tunnel")
-            scope.cancel(reason=f"{name} received")
-            return
-
-
-async def _report_on_signal(
-    counters: Counters, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """SIGUSR1 logs the counters, at a level shown without -v; the traffic goes on."""
-    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-        task_status.started()
-        async for _ in signals:
+    """SIGINT, SIGTERM or SIGHUP ends the tunnel cleanly (sockets closed, exit 0), also one
+    that came while the program started; SIGUSR1 logs the counters, at a level shown
+    without -v, and the traffic goes on."""
+    task_status.started()
+    if launch.pending:
+        _stop(launch.pending[0], scope, notifier)
+    async for signum in signals:
+        if signum == signal.SIGUSR1:
             state = counters.state
             log.log(NOTICE, "%s. %s", state[:1].upper() + state[1:], counters.report())
+        else:
+            _stop(signum, scope, notifier)
+
+
+def _stop(signum: int, scope: trio.CancelScope, notifier: Notifier) -> None:
+    name = signal.Signals(signum).name
+    log.info("%s received, closing the tunnel", name)
+    notifier.notify(STOPPING=1, STATUS=f"{name} received, closing the tunnel")
+    scope.cancel(reason=f"{name} received")
 
 
 def _report(group: BaseExceptionGroup[Any]) -> None:
@@ -392,5 +398,5 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def main() -> NoReturn:
-    """The console script's entry point."""
+    """The command, run by launch.main once the signals are in hand."""
     command.main(prog_name=PROG)
