@@ -113,8 +113,7 @@ class FlowServer:
         who = peer(stream)
         flow = self.table.add(stream, partial(Flow, who))
         if flow is None:
-            refuse(stream)
-            log.info("Refused TCP connection from %s: too many flows", who)
+            refuse(stream, "too many flows")
             return
         try:
             with _contained(flow, self.table.totals), flow.scope:
@@ -122,6 +121,7 @@ class FlowServer:
                     connections.adopt(stream)  # closed in order however the flow ends
                     async with self.admission.proving(stream) as proof:
                         secured = await self.admission.secure(stream, proof)
+                        self.table.totals.tunnels += 1
                         with _flow_socket(self.destination, flow.counters) as sock:
                             log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
                             udp = UdpEnd(sock, None, frozenset(), self.sources)
@@ -306,6 +306,7 @@ class FlowClient:
                         connections, addresses, label, within=self.connect_timeout, tls=self.tls
                     )
                     log.info("Flow from %s: connected", flow.name)
+                    self.table.totals.tunnels += 1
                     flow.queue.fd = fd_of(stream)  # plain TCP only: TLS must see it all
                     sender = UdpSender(
                         self.sock, flow.counters, destination=address, gate=self.gate

@@ -88,7 +88,6 @@ class FlowTable(Generic[F]):
             return None
         flow = make(self.totals.child(), now)
         self._flows[key] = flow
-        self.totals.tunnels += 1
         return flow
 
     def remove(self, key: Hashable, flow: F) -> None:

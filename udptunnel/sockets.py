@@ -393,9 +393,9 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
             backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
 
 
-def refuse(stream: trio.SocketStream) -> None:
+def refuse(stream: trio.SocketStream, why: str = "tunnel busy") -> None:
     """Reset the connection at once, so that the client knows it was refused."""
-    log.info("Refused TCP connection from %s: tunnel busy", peer(stream))
+    log.info("Refused TCP connection from %s: %s", peer(stream), why)
     reset(stream)
 
 

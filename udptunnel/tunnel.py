@@ -82,7 +82,10 @@ async def run_tunnel(
     sources = SourceFilter(config.allow_from)
     admission = Admission(tls, config.max_handshakes, config.handshake_timeout)
     if config.flows:
-        await _run_flows(config, counters, plans[0], sources, tls, admission, task_status)
+        try:
+            await _run_flows(config, counters, plans[0], sources, tls, admission, task_status)
+        finally:  # a flow-mode end runs until stopped: the whole story, once, at the end
+            log.info("Closed. %s", counters.report())
         return
     with contextlib.ExitStack() as udp_stack:
         udps = [
@@ -120,7 +123,11 @@ async def run_tunnel(
                 )
                 addresses = [[lst.socket.getsockname() for lst in ls] for ls in listener_sets]
                 task_status.started(Ready(addresses, udp_addresses))
-                await server.serve(listener_sets)
+                try:
+                    await server.serve(listener_sets)
+                finally:
+                    if config.persist:  # what came while no tunnel was up, too
+                        log.info("Closed. %s", counters.report())
             return
         client = Client(
             session,
@@ -132,7 +139,10 @@ async def run_tunnel(
         )
         if config.persist:
             task_status.started(Ready([[] for _ in plans], udp_addresses))
-            await client.keep_connected()
+            try:
+                await client.keep_connected()
+            finally:  # what came while no tunnel was up, too
+                log.info("Closed. %s", counters.report())
         else:
             async with trio.open_nursery() as nursery:
                 connected = await nursery.start(client.run_once)
