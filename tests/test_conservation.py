@@ -11,6 +11,7 @@ chance.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -146,3 +147,35 @@ async def test_every_datagram_is_delivered_or_counted(
             assert ends.client.flows_refused == client.dropped_no_flow
         else:  # faster than the client end reads: its kernel queue overflowed, counted
             assert client.dropped_overflow > 0
+
+
+async def test_datagrams_in_hand_when_a_flow_breaks_are_counted() -> None:
+    # The server takes the connection into its backlog and never reads: the flow's TCP
+    # fills, its queue overflows; then the server resets it. Whatever the client end had
+    # taken in is counted: carried into TCP, or dropped (queue full, or no tunnel any more).
+    sent = 1000
+    with trio.fail_after(CEILING), await open_trio_udp() as app:
+        (listener,) = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        counters = Counters()
+        config = Config(
+            Mode.CLIENT,
+            tcp=Address(LOOPBACK, listener.socket.getsockname()[1]),
+            udp=Address(LOOPBACK, 0),
+            udp_bind=Address(LOOPBACK, 0),
+            flows=True,
+        )
+        async with listener, trio.open_nursery() as nursery:
+            client = await nursery.start(run_tunnel, config, counters)
+            for n in range(sent):
+                await app.sendto(n.to_bytes(4, "big") * 250, client.udp[0])
+                await trio.lowlevel.checkpoint()
+            stream = await listener.accept()
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            stream.socket.close()  # a reset: the client's flow is lost
+            while counters.flows or counters.flows_lost == 0:
+                with trio.move_on_after(LOOK_EVERY):
+                    await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
+    totals = counters.totals()
+    assert totals.udp_to_tcp_datagrams + totals.dropped == sent
+    assert totals.dropped_no_tunnel > 0 or totals.dropped_queue > 0

@@ -218,7 +218,11 @@ async def udp_to_tcp(inbound: Inbound, stream: trio.abc.Stream, counters: Counte
     while True:
         end, count, emptied = inbound.drain(buffer, view)
         if end:
-            await _send_tcp(stream, fd, view[:end])
+            try:
+                await _send_tcp(stream, fd, view[:end])
+            except (TunnelError, trio.Cancelled):  # the batch in hand goes with the connection
+                counters.dropped_no_tunnel += count
+                raise
             counters.udp_to_tcp_datagrams += count
             counters.udp_to_tcp_bytes += end - HEADER.size * count
         if emptied:  # sleep until more comes; while busy, never ask epoll
