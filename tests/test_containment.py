@@ -265,3 +265,33 @@ def test_a_flow_queue_larger_than_a_batch_is_counted_as_it_is_sent() -> None:
     assert received == sent[:8] and counted == 8
     queue.close()
     assert counters.dropped_no_tunnel == OPENING_QUEUE - 8
+
+
+async def test_a_flow_queue_hands_over_to_direct_writes_once_its_batch_is_sent() -> None:
+    # While the relay sends a batch, new datagrams queue behind it; once it has sent it and
+    # waits for more, the next datagram goes straight to the socket again, waking no task.
+    counters = Counters()
+    queue = FlowQueue(counters)
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        writer.setblocking(False)
+        queue.put(b"while connecting")  # no descriptor yet: queued
+        view = memoryview(bytearray(1024))
+        _, count, emptied = queue.drain(view, view)
+        assert (count, emptied) == (1, True)
+        queue.fd = writer.fileno()
+        queue.put(b"while the batch is sent")  # the relay is busy with its batch: queued
+        assert queue.waiting == 1
+        with trio.fail_after(CEILING):
+            await queue.wait()  # frames are waiting: returns at once
+        _, count, emptied = queue.drain(view, view)
+        assert (count, emptied) == (1, True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.wait)  # the relay, its batch sent, waits for more
+            await trio.testing.wait_all_tasks_blocked()
+            queue.put(b"straight through")
+            assert queue.waiting == 0 and not queue.frames  # written, not queued
+            nursery.cancel_scope.cancel()
+        decoder = Decoder()
+        assert [bytes(f) for f in decoder.feed(reader.recv(100))] == [b"straight through"]
+    assert counters.udp_to_tcp_datagrams == 1  # the other two count when the relay sends

@@ -212,6 +212,7 @@ class FlowQueue:
         return end, count, not frames
 
     async def wait(self) -> None:
+        self.busy = False  # the relay waits only once what it had in hand is sent
         while not self.frames:
             await self._wake.park()
 
