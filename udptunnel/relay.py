@@ -1,8 +1,12 @@
-"""One port pair at work: a task copies TCP to UDP, another copies UDP to TCP.
+"""One connection at work: a task copies TCP to UDP, another copies UDP to TCP.
+
+Every mode runs this relay: the single tunnel (one per port pair, each over a UDP socket of
+its own) and every flow. Only where its datagrams come from differs (an ``Inbound``: a
+socket, or a flow client's queue) and where they go (a ``UdpSender``'s destination).
 
 Each direction has exactly one writer, so frames never interleave and TCP backpressure
 reaches the UDP reader with no lock in between. The relay opens and closes nothing: it is
-handed a connected stream and the UDP sockets, and returns when the TCP peer closes.
+handed a connected stream and its UDP side, and returns when the TCP peer closes.
 
 Speed comes from doing per-datagram work only where there is no way round it: UDP to TCP
 drains every datagram waiting (up to a batch) into one reusable buffer behind its length
