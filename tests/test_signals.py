@@ -10,6 +10,7 @@ for any program: the tests wait until the process has installed its handlers (Si
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from .conftest import UDPTUNNEL, WAIT, Process, free_port
 from .netns import wait_until
 
 LOOPBACK = "127.0.0.1"
+EXIT_LOOK = 0.002  # seconds between signals while waiting for the process to exit
 
 
 def in_hand(pid: int) -> bool:
@@ -65,3 +67,23 @@ def test_a_second_signal_while_closing_changes_nothing(
     assert "Traceback" not in process.stderr
     assert process.stderr.count("received, closing the tunnel") >= 1
     assert "Closed. " in process.stderr  # the summary, once all was closed
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_last_word_changes_nothing(
+    spawn: type[Process], second: signal.Signals
+) -> None:
+    # Python's own shutdown, after the tunnel has closed, gives every signal a Python
+    # function handled back to the system's default: the program must not die of one then.
+    process = server(spawn)
+    process.wait_for("Listening for TCP connections")
+    process.signal(signal.SIGTERM)
+    process.wait_for("Closed. ")
+    while True:  # again and again, until it has exited: through the interpreter's shutdown
+        process.signal(second)
+        try:
+            process.proc.wait(timeout=EXIT_LOOK)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    assert process.wait() == 0

@@ -5,7 +5,8 @@ its shutdown. A signal then would meet Python's defaults: SIGINT a KeyboardInter
 traceback, SIGTERM, SIGHUP and SIGUSR1 death by that signal, which a service manager takes
 for a crash. So, before anything else is imported, a stop signal (SIGINT, SIGTERM, SIGHUP)
 is only remembered, and the tunnel ends as soon as it has started (cli.py looks); SIGUSR1
-is ignored. While the tunnel runs, cli.py's own watcher takes every one of them.
+is ignored. While the tunnel runs, cli.py's own watcher takes every one of them; once it
+has ended, they are ignored until the process exits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def main() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _remember)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    from .cli import main as command  # the slow part, now safe from signals
+    try:
+        from .cli import main as command  # the slow part, now safe from signals
 
-    command()
+        command()
+    finally:
+        # Python's own shutdown puts the default back for every signal a Python function
+        # handled: from here to the exit, a stop signal would kill the process.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
