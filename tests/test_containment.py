@@ -25,7 +25,9 @@ import trio.testing
 from udptunnel import sockets
 from udptunnel.config import Address, Config, Mode
 from udptunnel.counters import Counters
-from udptunnel.flows import OPENING_QUEUE, FlowQueue
+from udptunnel.errors import TunnelError
+from udptunnel.flows import OPENING_QUEUE, FlowQueue, _contained
+from udptunnel.flowtable import Flow
 from udptunnel.framing import Decoder, encode
 from udptunnel.tunnel import run_tunnel
 
@@ -295,3 +297,18 @@ async def test_a_flow_queue_hands_over_to_direct_writes_once_its_batch_is_sent()
         decoder = Decoder()
         assert [bytes(f) for f in decoder.feed(reader.recv(100))] == [b"straight through"]
     assert counters.udp_to_tcp_datagrams == 1  # the other two count when the relay sends
+
+
+def test_a_flow_the_table_ended_is_not_lost_when_its_goodbye_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="udptunnel")
+    totals = Counters()
+    evicted, failed = Flow("evicted", totals.child(), 0.0), Flow("failed", totals.child(), 0.0)
+    evicted.end("evicted")
+    for flow in (evicted, failed):
+        with _contained(flow, totals):
+            raise TunnelError("TCP connection lost while sending: Connection reset by peer")
+    assert totals.flows_lost == 1  # the other one had been ended already, and counted so
+    assert "Flow from evicted ended: evicted (TCP connection lost" in caplog.text
+    assert "Flow from failed lost: TCP connection lost" in caplog.text

@@ -26,7 +26,7 @@ class Counters:
     dropped_disallowed: int = 0  # into the tunnel: from a source --allow-from does not allow
     dropped_queue: int = 0  # into a flow: more than its queue holds while it connects
     dropped_no_flow: int = 0  # into the tunnel: a new source, and no flow to be had for it
-    flows_refused: int = 0  # flow mode: sources or connections past --max-flows
+    flows_refused: int = 0  # flow mode: flows refused, all busy (each datagram, connection)
     flows_evicted: int = 0  # flow mode: idle flows ended to make room for a new one
     flows_lost: int = 0  # flow mode: flows ended by a failure (reset, refused, ...)
     tunnels: int = 0  # tunnels (in flow mode, flows) established since the start

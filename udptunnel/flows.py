@@ -329,9 +329,12 @@ def _contained(flow: Flow, totals: Counters) -> Iterator[None]:
     try:
         yield
     except* FLOW_FAILURES as group:
-        totals.flows_lost += 1
-        for message in messages(group):
-            log.info("Flow from %s lost: %s", flow.name, message)
+        reasons = "; ".join(messages(group))
+        if flow.ended:  # the table had ended it: its goodbye failed, it was not lost
+            log.info("Flow from %s ended: %s (%s)", flow.name, flow.ended, reasons)
+        else:
+            totals.flows_lost += 1
+            log.info("Flow from %s lost: %s", flow.name, reasons)
     else:
         log.info("Flow from %s ended%s", flow.name, f": {flow.ended}" if flow.ended else "")
 
