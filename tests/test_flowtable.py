@@ -86,3 +86,21 @@ async def test_the_sweep_ends_flows_idle_for_the_timeout(
     assert quiet.ended == "idle" and quiet.scope.cancel_called
     assert chatty.ended is None
     assert flows.get("q") is None and flows.get("c") is chatty
+
+
+async def test_a_flow_that_went_quiet_unseen_is_evictable_a_second_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The flows carried their datagram and went quiet between two looks at the table: the
+    # sweep's looks must date that, or a burst of new sources finds no slot to take.
+    flows = table(limit=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flows.sweep)
+        a, b = flows.add("a", partial(Flow, "a")), flows.add("b", partial(Flow, "b"))
+        assert a and b
+        carry(a)
+        carry(b)
+        await trio.sleep(2 * EVICTABLE_AFTER)
+        assert flows.add("c", partial(Flow, "c")) is not None
+        assert a.ended == "evicted"
+        nursery.cancel_scope.cancel()
