@@ -75,6 +75,8 @@ BAD_INPUT = [
     (["-s", "6000", "127.0.0.1/70000"], "'70000': invalid port number"),
     (["-s", "6000", "127.0.0.1/5000x"], "'5000x': invalid port number"),
     (["-c", "h/6000abc", "127.0.0.1/5000"], "'6000abc': invalid port number"),
+    (["-c", "6000", "127.0.0.1/5000"], "'6000': a TCP host is missing (a bare number is not"),
+    (["-c", "6000/6000", "127.0.0.1/5000"], "-c HOST/6000"),
     (["-s", "6000", "--udp-bind", "127.0.0.1/99999", "h/5000"], "'99999': invalid port"),
     (["-s", "6000", "239.1.1.1/5000/256"], "'256': invalid TTL"),
     (["-s", "6000", "239.1.1.1/5000/-1"], "'-1': invalid TTL"),
@@ -159,3 +161,27 @@ def test_help_and_version_exit_0() -> None:
     result = CliRunner().invoke(command, ["--version"], prog_name="udptunnel")
     assert result.exit_code == 0
     assert result.stdout == f"udptunnel {__version__}\n"
+
+
+SECONDS_OPTIONS = [
+    "--reconnect-max",
+    "--idle-timeout",
+    "--connect-timeout",
+    "--flow-timeout",
+    "--handshake-timeout",
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf", "-inf", "infinity"])
+@pytest.mark.parametrize("option", SECONDS_OPTIONS)
+def test_seconds_are_never_nan_nor_infinite_on_the_command_line_or_in_the_environment(
+    option: str, value: str
+) -> None:
+    status, stderr = invoke(option, value, "-s", "6000", "127.0.0.1/5000")
+    assert status == 2
+    assert_one_line(stderr, option)
+    variable = "UDPTUNNEL_" + option.removeprefix("--").replace("-", "_").upper()
+    runner = CliRunner(env={variable: value})
+    result = runner.invoke(command, ["-s", "6000", "127.0.0.1/5000"], prog_name="udptunnel")
+    assert result.exit_code == 2
+    assert_one_line(result.stderr, option)

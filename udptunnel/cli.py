@@ -8,6 +8,7 @@ Every error is one line on standard error, never a traceback.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -76,6 +77,18 @@ def _env_name(name: str) -> str:
 def _option(*names: str, env: str, **attributes: Any) -> Callable[[F], F]:
     """A Click option that can also come from the variable UDPTUNNEL_<env>, shown in --help."""
     return click.option(*names, envvar=ENV + env, show_envvar=True, **attributes)
+
+
+class _Seconds(click.FloatRange):
+    """A number of seconds in a range; never NaN, which every range test lets through."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
 
 
 def _seconds(
@@ -175,7 +188,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 )
 @_seconds(
     "--reconnect-max",
-    click.FloatRange(0.5, 3600),
+    _Seconds(0.5, 3600),
     DEFAULT_RECONNECT_MAX,
     "With --persist: the longest wait between two attempts to connect (from 0.5 s, doubling).",
 )
@@ -188,13 +201,13 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 )
 @_seconds(
     "--idle-timeout",
-    click.FloatRange(0.1, 86_400 * 365),
+    _Seconds(0.1, 86_400 * 365),
     None,
     "End a tunnel that carried no datagram either way for SECONDS.",
 )
 @_seconds(
     "--connect-timeout",
-    click.FloatRange(0.1, 3600),
+    _Seconds(0.1, 3600),
     DEFAULT_CONNECT_TIMEOUT,
     "Give up a connection attempt that gets no answer in SECONDS.",
 )
@@ -213,7 +226,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 )
 @_seconds(
     "--flow-timeout",
-    click.FloatRange(0.1, 86_400),
+    _Seconds(0.1, 86_400),
     DEFAULT_FLOW_TIMEOUT,
     "In flow mode: end a flow that carried no datagram either way for SECONDS.",
 )
@@ -254,7 +267,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 )
 @_seconds(
     "--handshake-timeout",
-    click.FloatRange(0.1, 600),
+    _Seconds(0.1, 600),
     DEFAULT_HANDSHAKE_TIMEOUT,
     "Close a new connection that has not finished its TLS handshake in SECONDS (a flow-mode "
     "server: in plain TCP, that has not sent its first frame).",

@@ -317,6 +317,10 @@ def parse_remote(text: str) -> tuple[str, int | None]:
     host, fields = split_address(text)
     if len(fields) > 1:
         raise ConfigError(f"{text!r}: too many fields (expected TCP-ADDR[/TCP-PORT])")
+    if _DECIMAL.fullmatch(host):  # the resolver would take 6000 for the address 0.0.23.112
+        raise ConfigError(
+            f"{text!r}: a TCP host is missing (a bare number is not a host: -c HOST/{host})"
+        )
     return host, parse_port(fields[0]) if fields else None
 
 
