@@ -42,6 +42,14 @@ def server(spawn: type[Process]) -> Process:
     return spawn([UDPTUNNEL, "-v", "--flows", "-s", f"{LOOPBACK}/{free_port()}", f"{LOOPBACK}/9"])
 
 
+def stopping_server(spawn: type[Process]) -> Process:
+    """A server that was ready and has just been sent SIGTERM."""
+    process = server(spawn)
+    process.wait_for("Listening for TCP connections")
+    process.signal(signal.SIGTERM)
+    return process
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_signal_while_starting_ends_it_cleanly(
     spawn: type[Process], signum: signal.Signals
@@ -59,9 +67,7 @@ def test_a_stop_signal_while_starting_ends_it_cleanly(
 def test_a_second_signal_while_closing_changes_nothing(
     spawn: type[Process], second: signal.Signals
 ) -> None:
-    process = server(spawn)
-    process.wait_for("Listening for TCP connections")
-    process.signal(signal.SIGTERM)
+    process = stopping_server(spawn)
     process.signal(second)
     assert process.wait() == 0
     assert "Traceback" not in process.stderr
@@ -75,9 +81,7 @@ def test_a_signal_after_the_last_word_changes_nothing(
 ) -> None:
     # Python's own shutdown, after the tunnel has closed, gives every signal a Python
     # function handled back to the system's default: the program must not die of one then.
-    process = server(spawn)
-    process.wait_for("Listening for TCP connections")
-    process.signal(signal.SIGTERM)
+    process = stopping_server(spawn)
     process.wait_for("Closed. ")
     while True:  # again and again, until it has exited: through the interpreter's shutdown
         process.signal(second)
