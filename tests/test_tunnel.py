@@ -24,17 +24,20 @@ from udptunnel.framing import Decoder, encode
 from udptunnel.sockets import Connections, connect
 from udptunnel.tunnel import Ready, run_tunnel
 
+from .conftest import FAMILY, free_even_port
 from .conftest import WAIT as CEILING
 from .conftest import open_trio_udp as udp_socket
 
 
 def server_config(host: str, app: trio.socket.SocketType, *, rtp: bool = False) -> Config:
-    """A server on ``host`` with kernel-chosen ports, sending to ``app``."""
+    """A server on ``host`` with kernel-chosen ports, sending to ``app``. In RTP mode its
+    ports are a free even pair instead: port 0 has none (its other half would be port 1)."""
+    port = free_even_port(FAMILY[host], host) if rtp else 0
     return Config(
         Mode.SERVER,
-        tcp=Address(host, 0),
+        tcp=Address(host, port),
         udp=Address(host, app.getsockname()[1]),
-        udp_bind=Address(host, 0),
+        udp_bind=Address(host, port),
         rtp=rtp,
     )
 
