@@ -2,7 +2,8 @@
 
 Tests marked ``root`` (network namespaces) or ``original`` (Debian's /usr/bin/udptunnel) skip
 with a reason where the machine cannot run them, and fail instead when
-UDPTUNNEL_STRICT_TESTS=1, as .ci/run sets: CI always runs them for real.
+UDPTUNNEL_STRICT_TESTS=1, as .ci/run sets: CI always runs them for real. A test that can only
+find out as it runs calls ``unable(reason)``, under the same rule.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import trio
@@ -56,11 +58,17 @@ def missing(item: pytest.Item) -> str | None:
     return None
 
 
+def unable(reason: str) -> NoReturn:
+    """This machine cannot run the current test: skip it with the reason, or fail it when
+    UDPTUNNEL_STRICT_TESTS=1."""
+    if STRICT:
+        pytest.fail(f"UDPTUNNEL_STRICT_TESTS=1 but this test {reason}")
+    pytest.skip(reason)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if reason := missing(item):
-        if STRICT:
-            pytest.fail(f"UDPTUNNEL_STRICT_TESTS=1 but this test {reason}")
-        pytest.skip(reason)
+        unable(reason)
 
 
 class Process:
