@@ -82,24 +82,60 @@ def test_rtp_mode_checks_every_port_even_the_defaulted_ones(udp_bind: str | None
     ("text", "network", "port"),
     [
         ("192.0.2.7", "192.0.2.7/32", None),
-        ("192.0.2.7/5000", "192.0.2.7/32", 5000),  # host/port, as elsewhere
         ("192.0.2.7:5000", "192.0.2.7/32", 5000),
-        ("192.0.2.7/24", "192.0.2.7/32", 24),  # not a network's first address: a port
-        ("10.0.0.0/8", "10.0.0.0/8", None),  # a network's first address: a prefix
-        ("10.0.0.0/8/53", "10.0.0.0/8", 53),
-        ("::1/53", "::1/128", 53),
+        ("192.0.2.7/32", "192.0.2.7/32", None),
+        ("10.0.0.0/8", "10.0.0.0/8", None),
+        ("10.0.0.0/8:53", "10.0.0.0/8", 53),
+        ("0.0.0.0/0", "0.0.0.0/0", None),
+        ("::1", "::1/128", None),
+        ("[::1]", "::1/128", None),
         ("[::1]:53", "::1/128", 53),
         ("2001:db8::/32", "2001:db8::/32", None),
-        ("2001:db8::/32/443", "2001:db8::/32", 443),
+        ("[2001:db8::/32]:443", "2001:db8::/32", 443),
     ],
 )
 def test_allow_from_rules(text: str, network: str, port: int | None) -> None:
     rule = parse_rule(text)
     assert (str(rule.network), rule.port) == (network, port)
+    assert parse_rule(str(rule)) == rule  # shown as it is written
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # "/" is always a prefix length: the original's ADDR/PORT says what to write instead
+        (
+            "10.0.0.0/33",
+            "'10.0.0.0/33': prefix length 33 is over 32; for port 33, write 10.0.0.0:33",
+        ),
+        ("192.0.2.7/5000", "prefix length 5000 is over 32; for port 5000, write 192.0.2.7:5000"),
+        ("::1/129", "prefix length 129 is over 128; for port 129, write [::1]:129"),
+        ("[2001:db8::/200]:5", "prefix length 200 is over 128"),
+        (
+            "192.0.2.7/24",
+            "192.0.2.7 is not the first address of a /24 network (that is 192.0.2.0/24); "
+            "for port 24, write 192.0.2.7:24",
+        ),
+        ("::1/53", "(that is ::/53); for port 53, write [::1]:53"),
+        ("10.0.0.0/8/53", "'10.0.0.0/8/53': a port follows a colon: 10.0.0.0/8:53"),
+        ("2001:db8::/32/443", "a port follows a colon: [2001:db8::/32]:443"),
+        ("10.0.0.0/x", "invalid prefix length 'x' (expected 0-32)"),
+        ("host.example", "'host.example': not an IP address or network (a rule takes no host"),
+        ("[::1", "missing ']'"),
+        ("[::1]53", "expected ':PORT' after ']'"),
+        ("192.0.2.7:", "missing port after ':'"),
+        ("192.0.2.7:0x35", "'0x35': invalid port number"),
+    ],
+)
+def test_allow_from_rules_that_are_wrong_say_what_to_write(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_rule(text)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
 
 
 def test_a_source_filter_matches_networks_ports_and_mapped_ipv4() -> None:
-    rules = [parse_rule("127.0.0.1/5000"), parse_rule("10.0.0.0/8"), parse_rule("2001:db8::/32")]
+    rules = [parse_rule("127.0.0.1:5000"), parse_rule("10.0.0.0/8"), parse_rule("2001:db8::/32")]
     allows = SourceFilter(rules).allows
     assert allows(("127.0.0.1", 5000)) and not allows(("127.0.0.1", 5001))
     assert allows(("10.200.0.1", 9)) and allows(("::ffff:10.1.2.3", 9))

@@ -110,7 +110,7 @@ async def relay_rig(
             if connected:
                 sock.connect(target)
             host, port = app.getsockname()
-            rules = [parse_rule(rule.replace("APP", f"{host}/{port}")) for rule in allow_from]
+            rules = [parse_rule(rule.replace("APP", f"{host}:{port}")) for rule in allow_from]
             udp = UdpEnd(sock, None if connected else target, own, SourceFilter(rules))
             rig = Rig(peer, app, udp, Counters(), trio.Event())
             rig.counters.watch_overflow(partial(kernel_drops, sock))

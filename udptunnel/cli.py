@@ -233,10 +233,11 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 @_option(
     "--allow-from",
     multiple=True,
-    metavar="ADDR[/PREFIX][/PORT]",
+    metavar="ADDR[/PREFIX][:PORT]",
     env="ALLOW_FROM",
     help="Accept datagrams into the tunnel only from these sources (repeatable; 10.0.0.0/8, "
-    "192.0.2.7/5000, [::1]:53). Others are dropped and counted. Default: anyone.",
+    "192.0.2.7:5000, 10.0.0.0/8:53, [::1]:53, [2001:db8::/32]:443). Others are dropped and "
+    "counted. Default: anyone.",
 )
 @_option(
     "--reuse-port",

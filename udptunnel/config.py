@@ -1,8 +1,9 @@
 """What the command line asks for, as frozen data, and the pure parsers that build it.
 
 Addresses are written as the original wrote them, ``host/port[/ttl]`` or ``host:port[:ttl]``,
-and also ``[v6-literal]:port`` or ``v6-literal/port`` for IPv6. Nothing here resolves a name
-or opens a socket: that is ``tunnel.py``'s job.
+and also ``[v6-literal]:port`` or ``v6-literal/port`` for IPv6; an ``--allow-from`` rule is
+the exception, where ``/`` gives a network's prefix length and only ``:`` a port. Nothing here
+resolves a name or opens a socket: that is ``tunnel.py``'s job.
 """
 
 from __future__ import annotations
@@ -42,44 +43,89 @@ class Rule:
     port: int | None
 
     def __str__(self) -> str:
-        return f"{self.network}" + (f"/{self.port}" if self.port is not None else "")
+        """The rule as ``--allow-from`` takes it."""
+        network = self.network
+        if network.prefixlen == network.max_prefixlen:
+            text = str(network.network_address)
+        else:
+            text = str(network)
+        if self.port is None:
+            return text
+        return f"[{text}]:{self.port}" if network.version == 6 else f"{text}:{self.port}"
 
 
 def parse_rule(text: str) -> Rule:
     """Parse one ``--allow-from`` value.
 
-    ``ADDR`` is one address; ``ADDR:PORT`` and ``[V6]:PORT`` one address and port.
-    ``ADDR/N`` is a network when ADDR is the network's first address under prefix N
-    (``10.0.0.0/8``, ``192.0.2.7/32``), otherwise ADDR and port N, as everywhere else on the
-    command line (``192.0.2.7/5000``); ``NET/PREFIX/PORT`` gives both. Host names are not
-    accepted: a rule must not depend on the resolver.
+    An address (``192.0.2.7``, ``2001:db8::7``) or a network (``10.0.0.0/8``,
+    ``2001:db8::/32``), and after it, optionally, ``:PORT``: ``192.0.2.7:5000``,
+    ``10.0.0.0/8:53``; an IPv6 address or network with a port is written in brackets,
+    ``[::1]:53``, ``[2001:db8::/32]:443``. ``/`` always gives a prefix length and ``:`` a port,
+    so neither can be taken for the other; the original's ``ADDR/PORT`` is an error that
+    says what to write instead. Host names are not accepted: a rule must not depend on the
+    resolver.
 
     Raises:
         ConfigError: naming the text.
     """
-    if "/" in text and not text.startswith("["):
-        host, *fields = text.split("/")
-        if len(fields) > 2 or "" in fields:
-            raise ConfigError(f"{text!r}: expected ADDR, ADDR/PORT, NET/PREFIX or NET/PREFIX/PORT")
-        if len(fields) == 2:
-            return Rule(_network(text, f"{host}/{fields[0]}", strict=True), parse_port(fields[1]))
-        if _DECIMAL.fullmatch(fields[0]):
-            try:
-                return Rule(ipaddress.ip_network(text, strict=True), None)
-            except ValueError:
-                pass  # not a network's first address: a port
-        return Rule(_network(text, host), parse_port(fields[0]))
-    host, rest = split_address(text)
-    if len(rest) > 1:
-        raise ConfigError(f"{text!r}: too many fields (expected ADDR[:PORT])")
-    return Rule(_network(text, host), parse_port(rest[0]) if rest else None)
+    if text.startswith("["):
+        spec, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError(f"{text!r}: missing ']' after the IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{text!r}: expected ':PORT' after ']' (as in [::1]:53)")
+        port_text: str | None = rest[1:] if rest else None
+    elif text.count(":") == 1:  # IPv4 and a port; an IPv6 address has two colons or more
+        spec, _, port_text = text.partition(":")
+    else:
+        spec, port_text = text, None
+    if port_text == "":
+        raise ConfigError(f"{text!r}: missing port after ':'")
+    port = None if port_text is None else parse_port(port_text)
+    return Rule(_network(text, spec, port), port)
 
 
-def _network(text: str, spec: str, *, strict: bool = False) -> _IPNetwork:
+def _network(text: str, spec: str, port: int | None) -> _IPNetwork:
+    """The address or network ``spec`` (``ADDR`` or ``NET/PREFIX``) of the rule ``text``.
+
+    Raises:
+        ConfigError: naming the text, and if it looks like the original's ``ADDR/PORT``,
+            saying how a port is written.
+    """
+    host, slash, prefix = spec.partition("/")
     try:
-        return ipaddress.ip_network(spec, strict=strict)
-    except ValueError as exc:
-        raise ConfigError(f"{text!r}: not an IP address or network ({exc})") from exc
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{text!r}: not an IP address or network (a rule takes no host names)"
+        ) from None
+    if not slash:
+        return ipaddress.ip_network(address)
+    longest = address.max_prefixlen
+    if "/" in prefix:  # NET/PREFIX/PORT
+        prefix, _, old_port = prefix.partition("/")
+        raise ConfigError(
+            f"{text!r}: a port follows a colon: {_with_port(f'{host}/{prefix}', old_port)}"
+        )
+    if not _DECIMAL.fullmatch(prefix):
+        raise ConfigError(f"{text!r}: invalid prefix length {prefix!r} (expected 0-{longest})")
+    bits = int(prefix)
+    instead = "" if port is not None else f"; for port {bits}, write {_with_port(host, prefix)}"
+    if bits > longest:
+        raise ConfigError(f"{text!r}: prefix length {bits} is over {longest}{instead}")
+    try:
+        return ipaddress.ip_network(spec, strict=True)
+    except ValueError:
+        network = ipaddress.ip_network(spec, strict=False)
+        raise ConfigError(
+            f"{text!r}: {host} is not the first address of a /{bits} network "
+            f"(that is {network}){instead}"
+        ) from None
+
+
+def _with_port(spec: str, port: str) -> str:
+    """How the address or network ``spec`` is written with a port."""
+    return f"[{spec}]:{port}" if ":" in spec else f"{spec}:{port}"
 
 
 @dataclass(frozen=True)
