@@ -7,6 +7,7 @@ That copy is refreshed only on reinstall: after editing the page, run ``make ven
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -41,6 +42,15 @@ def help_options(help_text: str) -> list[str]:
         if match := _OPTION_LINE.match(line):
             options.extend(match.group(1).split(", "))
     return options
+
+
+def help_option_names(help_text: str) -> list[list[str]]:
+    """The names of each option of ``--help``: ``[["-s", "--server"], ["--udp-bind"], ...]``."""
+    lines = help_text.splitlines()
+    start = lines.index(_OPTIONS_HEADING) + 1
+    return [
+        match.group(1).split(", ") for line in lines[start:] if (match := _OPTION_LINE.match(line))
+    ]
 
 
 def plain_text(troff: str) -> str:
@@ -155,3 +165,95 @@ def test_man_shows_our_page() -> None:
     text = re.sub(r"\x1b\[[0-9;]*m", "", text).replace("\u2010", "-").replace("\u2212", "-")
     assert OURS_ONLY in text
     assert "UDPTUNNEL(1)" in text
+
+
+def synopsis_options(troff: str) -> set[str]:
+    """The option names in the SYNOPSIS section."""
+    text = plain_text(section(troff, "SYNOPSIS"))
+    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", text))
+
+
+def test_the_synopsis_shows_every_option() -> None:
+    """Each option of ``--help``, by one of its names (``-h`` for ``-h, --help``)."""
+    result = _run([UDPTUNNEL, "--help"])
+    assert result.returncode == 0, result.stderr
+    shown = synopsis_options(SOURCE.read_text())
+    missing = [names for names in help_option_names(result.stdout) if not set(names) & shown]
+    assert missing == []
+
+
+def test_the_page_carries_the_programs_version() -> None:
+    result = _run([UDPTUNNEL, "--version"])
+    assert result.returncode == 0, result.stderr
+    (title,) = re.findall(r"^\.TH .*$", SOURCE.read_text(), re.MULTILINE)
+    assert f'"{result.stdout.strip()}"' in title  # "udptunnel 2.0.0", as --version says
+
+
+# Every message the program logs, in DIAGNOSTICS --------------------------------------------
+
+PACKAGE = SOURCE.parent.parent / "udptunnel"
+_LOG_LEVELS = {"debug", "info", "warning", "error", "critical", "log"}
+_PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdifgr%]")
+# Formats that are only a placeholder: their text is a message documented with its cause.
+_WHOLE_MESSAGE = re.compile(r"(%s)+")
+
+
+def log_formats(package: Path = PACKAGE) -> dict[str, str]:
+    """Every constant format string passed to ``log.LEVEL(...)`` in the package: format to
+    where it is."""
+    formats = {}
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _LOG_LEVELS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "log"
+            ):
+                # log.info(FORMAT, ...), or log.log(LEVEL, FORMAT, ...)
+                args = node.args[1:] if node.func.attr == "log" else node.args
+                if args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str):
+                    formats[args[0].value] = f"{path.name}:{node.lineno}"
+    return formats
+
+
+def diagnostics_lines(troff: str) -> list[str]:
+    """The lines of the DIAGNOSTICS section's examples, placeholders written as words."""
+    lines, inside = [], False
+    for line in section(troff, "DIAGNOSTICS").splitlines():
+        if line in (".EX", ".EE"):
+            inside = line == ".EX"
+        elif inside:
+            text = plain_text(line)
+            for escape, character in (("\\e", "\\"), ("\\(aq", "'")):
+                text = text.replace(escape, character)
+            lines.append(text.strip())
+    return lines
+
+
+def as_pattern(fmt: str) -> re.Pattern[str]:
+    """A %-format as a regular expression: each placeholder stands for any text."""
+    pieces = _PLACEHOLDER.split(fmt)
+    return re.compile(".*".join(re.escape(piece) for piece in pieces))
+
+
+def undocumented_formats(formats: dict[str, str], lines: list[str]) -> list[str]:
+    return [
+        f"{where}: {fmt!r}"
+        for fmt, where in formats.items()
+        if not _WHOLE_MESSAGE.fullmatch(fmt)
+        and not any(as_pattern(fmt).fullmatch(line) for line in lines)
+    ]
+
+
+def test_every_message_the_program_logs_is_in_diagnostics() -> None:
+    formats = log_formats()
+    assert len(formats) > 30  # the reading found the calls at all
+    assert undocumented_formats(formats, diagnostics_lines(SOURCE.read_text())) == []
+
+
+def test_an_undocumented_message_is_noticed() -> None:
+    formats = {"Flow from %s: connected": "a:1", "Tunnel closed. %s": "b:2", "Gone %d": "c:3"}
+    troff = ".SH DIAGNOSTICS\n.EX\nFlow from \\fIADDR\\fP: connected\nTunnel closed. X\n.EE\n"
+    assert undocumented_formats(formats, diagnostics_lines(troff)) == ["c:3: 'Gone %d'"]
