@@ -502,18 +502,22 @@ def test_several_flow_servers_on_one_port(lan: Lan, spawn: type[Process]) -> Non
     try:
         wait_until(listening(lan["gw"], 6000, count=4), WAIT, "four servers on port 6000")
         client = spawn(
-            [UDPTUNNEL, "--flows", "-c", "gw.example.org/6000", "127.0.0.1/5000"],
+            [UDPTUNNEL, "-v", "--flows", "-c", "gw.example.org/6000", "127.0.0.1/5000"],
             prefix=lan["in"].prefix,
         )
         wait_for(bound(lan["in"], 5000), "the flow client", client)
         with app(lan["media"], address("media"), 51820) as wireguard, contextlib.ExitStack() as s:
             peers = [s.enter_context(app(lan["in"], "127.0.0.1", 0)) for _ in range(8)]
-            for n, peer in enumerate(peers):
-                peer.sendto(b"hello %d" % n, ("127.0.0.1", 5000))
-                got, source = wireguard.recvfrom(65536)
-                wireguard.sendto(got.replace(b"hello", b"reply"), source)
-            for n, peer in enumerate(peers):
-                assert peer.recv(65536) == b"reply %d" % n
+            try:
+                for n, peer in enumerate(peers):
+                    peer.sendto(b"hello %d" % n, ("127.0.0.1", 5000))
+                    got, source = wireguard.recvfrom(65536)
+                    wireguard.sendto(got.replace(b"hello", b"reply"), source)
+                for n, peer in enumerate(peers):
+                    assert peer.recv(65536) == b"reply %d" % n
+            except TimeoutError:
+                client.kill()
+                raise AssertionError(f"nothing came back; the client: {client.stderr}") from None
         stopped(client)
     finally:
         os.killpg(servers.pid, signal.SIGTERM)  # bash and the four servers it started
