@@ -40,3 +40,14 @@ def test_strict_mode_turns_that_skip_into_a_failure(monkeypatch: pytest.MonkeyPa
 def test_a_test_the_machine_can_run_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conftest, "STRICT", True)
     conftest.pytest_runtest_setup(FakeItem(pytest.mark.needs("sh")))  # type: ignore[arg-type]
+
+
+def test_a_test_that_finds_out_as_it_runs_follows_the_same_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(conftest, "STRICT", False)
+    with pytest.raises(pytest.skip.Exception, match=r"^needs root, for this$"):
+        conftest.unable("needs root, for this")
+    monkeypatch.setattr(conftest, "STRICT", True)
+    with pytest.raises(pytest.fail.Exception, match="but this test needs root, for this"):
+        conftest.unable("needs root, for this")
