@@ -89,7 +89,7 @@ async def accept_first(
                 nursery.start_soon(_accept_into, listener, accepted, nursery.cancel_scope)
     except BaseException:  # cancelled just as a client came: it is not ours to keep
         for stream in accepted:
-            refuse(stream)
+            refuse(stream, "no longer waiting for a client")
         raise
     first, *others = accepted
     for stream in others:  # two at the same instant: the later one is refused like any other
@@ -140,15 +140,19 @@ class Unproven:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._waiting: dict[trio.CancelScope, None] = {}  # in order of arrival
+        self._waiting: dict[trio.CancelScope, str] = {}  # who, in order of arrival
 
-    def add(self, scope: trio.CancelScope) -> None:
+    def add(self, scope: trio.CancelScope, who: str) -> None:
         """A new connection; the oldest are ended (their tasks reset them) past the limit."""
         while len(self._waiting) >= self.limit:
             oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
+            log.info(
+                "Closed TCP connection from %s: pushed out by newer ones (--max-handshakes %d)",
+                self._waiting.pop(oldest),
+                self.limit,
+            )
             oldest.cancel(reason="pushed out by newer connections")
-        self._waiting[scope] = None
+        self._waiting[scope] = who
 
     def discard(self, scope: trio.CancelScope) -> None:
         self._waiting.pop(scope, None)
@@ -179,7 +183,7 @@ class Admission:
         anything to send."""
         proof, who = Proof(), peer(stream)
         with trio.CancelScope() as scope:
-            self._unproven.add(scope)
+            self._unproven.add(scope, who)
             proof.on_proof(partial(self._unproven.discard, scope))
             try:
                 async with trio.open_nursery() as nursery:

@@ -113,7 +113,7 @@ class FlowServer:
         who = peer(stream)
         flow = self.table.add(stream, partial(Flow, who))
         if flow is None:
-            refuse(stream, "too many flows")
+            refuse(stream, f"too many flows (--max-flows {self.table.limit})")
             return
         try:
             with _contained(flow, self.table.totals), flow.scope:

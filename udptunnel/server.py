@@ -17,7 +17,7 @@ import trio
 from .acceptance import Admission, accept_each, accept_first, refuse_all
 from .errors import TunnelError
 from .session import Session
-from .sockets import Connections, peer, reset
+from .sockets import Connections, peer, refuse, reset
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +101,22 @@ class Server:
 
         async def shake_hands(stream: trio.SocketStream) -> None:
             who = peer(stream)  # before a failed handshake resets it
+            failed = False
             try:
                 async with admission.proving(stream) as proof:
                     try:
                         secured = await admission.secure(stream, proof)
                     except TunnelError as exc:
                         log.warning("Closed TCP connection from %s: %s", who, exc)
+                        failed = True
                         return
                     if not won:
                         won.append((stream, secured))
                         race.cancel_scope.cancel(reason="a client got in")
             finally:
-                if not won or won[0][0] is not stream:
+                if won and won[0][0] is not stream and not failed:
+                    refuse(stream, "tunnel busy (another client got in first)")
+                elif not won or won[0][0] is not stream:
                     reset(stream)
 
         try:
