@@ -45,6 +45,7 @@ from .egress import ICMP_ERRORS, YIELD_EVERY, UdpSender
 from .errors import TunnelError
 from .framing import HEADER, MAX_DATAGRAM, Decoder
 from .sockets import UdpEnd
+from .tls import lost
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ async def _send_tcp(stream: trio.abc.Stream, fd: int, data: memoryview) -> None:
         try:
             await stream.send_all(data[sent:])
         except trio.BrokenResourceError as exc:
-            raise TunnelError(f"TCP connection lost while sending: {_reason(exc)}") from exc
+            raise lost(stream, exc, "sending") from exc
 
 
 async def discard(udp: UdpEnd, counters: Counters) -> None:
@@ -383,11 +384,4 @@ async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:
     try:
         return await stream.receive_some(TCP_RECEIVE_SIZE)
     except trio.BrokenResourceError as exc:
-        raise TunnelError(f"TCP connection lost while receiving: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return str(cause or exc) or type(exc).__name__
+        raise lost(stream, exc, "receiving") from exc

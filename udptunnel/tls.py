@@ -12,7 +12,9 @@ configuration error, not a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import ssl
 from pathlib import Path
 
@@ -24,6 +26,17 @@ from .errors import ConfigError, TunnelError
 log = logging.getLogger(__name__)
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_3
+ALERT_GRACE = 1.0  # seconds to send the alert that says why a handshake failed
+_ALERT_NAME = re.compile(r"(?:SSLV3|TLSV1|TLSV13)_ALERT_(\w+)")  # OpenSSL's reason for one
+_CERTIFICATE_ALERTS = {  # the alerts that refuse a certificate, in their RFC 8446 words
+    "BAD_CERTIFICATE",
+    "UNSUPPORTED_CERTIFICATE",
+    "CERTIFICATE_REVOKED",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_UNKNOWN",
+    "UNKNOWN_CA",
+    "ACCESS_DENIED",
+}
 
 
 class Tls:
@@ -146,16 +159,71 @@ async def handshake(
     try:
         await wrapped.do_handshake()
     except trio.BrokenResourceError as exc:
-        raise TunnelError(f"TLS handshake failed: {_reason(exc)}") from exc
+        await _send_alert(wrapped)
+        peer = "client" if server_side else "server"
+        raise TunnelError(f"TLS handshake failed: {reason(exc, peer=peer)}") from exc
     return wrapped
 
 
-def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__
+async def _send_alert(wrapped: trio.SSLStream[trio.abc.Stream]) -> None:
+    """Send the alert that OpenSSL wrote when the handshake failed, which says why (a
+    certificate missing or refused): trio.SSLStream leaves it unsent (python-trio/trio#3413),
+    and without it the peer sees only the connection end."""
+    outgoing = getattr(wrapped, "_outgoing", None)
+    alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+    if alert:
+        with (
+            trio.move_on_after(ALERT_GRACE),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await wrapped.transport_stream.send_all(alert)
+
+
+def lost(stream: trio.abc.Stream, exc: trio.BrokenResourceError, doing: str) -> TunnelError:
+    """The error for a connection that broke while ``doing`` something: ended by a TLS
+    alert, the alert's meaning (it is the peer's reason, not a loss); otherwise lost, and
+    why."""
+    server_side = isinstance(stream, trio.SSLStream) and stream.server_side
+    words = reason(exc, peer="client" if server_side else "server")
+    if _alert(exc) is not None:
+        return TunnelError(words)
+    return TunnelError(f"TCP connection lost while {doing}: {words}")
+
+
+def reason(exc: BaseException, *, peer: str) -> str:
+    """Why a connection broke, from the error or the one behind it (a BrokenResourceError's
+    cause): a certificate that failed verification, in OpenSSL's words; an alert that the
+    ``peer`` ("client" or "server") ended it with, in what it means; the peer's end before
+    a handshake was done; a system error in the system's words."""
+    cause = exc.__cause__ or exc
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return cause.verify_message or "certificate verify failed"
+        why = cause.verify_message or "certificate verify failed"
+        return f"the {peer}'s certificate failed verification: {why}"
+    if (alert := _alert(exc)) is not None:
+        if alert == "CERTIFICATE_REQUIRED":
+            return "the server requires a client certificate (--tls-cert/--tls-key)"
+        words = alert.lower().replace("_", " ").replace(" ca", " CA")
+        if alert in _CERTIFICATE_ALERTS:
+            return f"the {peer} refused our certificate: {words}"
+        return f"the {peer} ended the handshake with the TLS alert {words!r}"
+    if isinstance(cause, ssl.SSLEOFError):
+        return f"the {peer} closed the connection" + (
+            " (is it started with --tls?)" if peer == "server" else ""
+        )
     if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
+        if cause.reason == "WRONG_VERSION_NUMBER":
+            return f"the {peer} does not speak TLS (is it started with --tls?)"
+        if cause.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "the client sent no certificate"
+        return cause.reason.lower().replace("_", " ") if cause.reason else str(cause)
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
-    return str(cause or exc) or "the connection closed"
+    return str(cause) or "the connection closed"
+
+
+def _alert(exc: BaseException) -> str | None:
+    """The name of the TLS alert the peer ended the connection with, if it did."""
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLError) and (match := _ALERT_NAME.fullmatch(cause.reason or "")):
+        return match[1]
+    return None
