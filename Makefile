@@ -1,9 +1,12 @@
 # udptunnel: everything a developer or a user runs goes through here.
-#   make demo    a real tunnel on loopback, with traffic crossing it
-#   make test    the whole test suite
-#   make check   lint and test
-#   make bench   our tunnel against Debian's original and the bare kernel path (root)
-# The virtual environment in $(VENV) is made on first use; nothing is installed by hand.
+#   make demo       a real tunnel on loopback, with traffic crossing it
+#   make test       the whole test suite
+#   make lint       ruff, mypy, and groff on the man page
+#   make check      lint and test
+#   make bench      our tunnel against Debian's original and the bare kernel path (root)
+# The virtual environment in $(VENV) is made on first use with the package (editable) and its
+# run-time dependencies, all that make demo needs; test, lint and bench each add their extra
+# of pyproject.toml to it on their first use. Nothing is installed by hand.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,8 +19,12 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 UNITS := udptunnel@.service udptunnel@.socket
 
 VPY := $(VENV)/bin/python
+# The environment's packages come from $(PYTHON)'s own pip run on it (--python, pip 22.3):
+# giving the environment a pip of its own (ensurepip) takes as long as all the rest of make
+# demo. Only a $(PYTHON) without pip has the environment get its own.
+PIP = $$([ -x $(VENV)/bin/pip ] && echo $(VPY) || echo $(PYTHON)) -m pip --python $(VPY) \
+	--disable-pip-version-check
 STAMP := $(VENV)/.installed
-BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: all venv demo test lint check bench install install-units uninstall clean
 
@@ -27,17 +34,24 @@ venv: $(STAMP)
 
 # The man page is copied into the environment at install time, so it counts as a source.
 $(STAMP): pyproject.toml man/udptunnel.1
-	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --disable-pip-version-check --editable '.[test,lint]'
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(VPY) --version >/dev/null 2>&1 \
+		|| $(VPY) -m ensurepip --default-pip >/dev/null
+	$(PIP) install --quiet --editable .
+	touch $@
+
+# An extra (test, lint, bench) on the first use of the target that needs it.
+$(VENV)/.installed-%: pyproject.toml | $(STAMP)
+	$(PIP) install --quiet --editable '.[$*]'
 	touch $@
 
 demo: $(STAMP)
 	$(VPY) contrib/demo.py
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-lint
 	$(VPY) -m ruff check udptunnel tests contrib
 	$(VPY) -m ruff format --check udptunnel tests contrib
 	$(VPY) -m mypy
@@ -46,12 +60,7 @@ lint: $(STAMP)
 
 check: lint test
 
-# The benchmark's plotting extra goes into the same environment, only when it is first run.
-$(BENCH_STAMP): $(STAMP)
-	$(VPY) -m pip install --quiet --disable-pip-version-check --editable '.[bench]'
-	touch $@
-
-bench: $(BENCH_STAMP)
+bench: $(VENV)/.installed-bench
 	$(VPY) contrib/bench/run.py $(BENCH_ARGS)
 
 # The package with its man page, and the systemd units with the program's path filled in.
