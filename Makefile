@@ -4,6 +4,8 @@
 #   make lint       ruff, mypy, and groff on the man page
 #   make check      lint and test
 #   make bench      our tunnel against Debian's original and the bare kernel path (root)
+#   make install    a self-contained installation for an operator (PREFIX, DESTDIR, BINDIR)
+#   make uninstall  removes exactly what make install put in place
 # The virtual environment in $(VENV) is made on first use with the package (editable) and its
 # run-time dependencies, all that make demo needs; test, lint and bench each add their extra
 # of pyproject.toml to it on their first use. Nothing is installed by hand.
@@ -15,8 +17,9 @@ DESTDIR ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
 UNITDIR ?= $(PREFIX)/lib/systemd/system
-UNITS := udptunnel@.service udptunnel@.socket
+ENVDIR ?= $(PREFIX)/lib/udptunnel
 
 VPY := $(VENV)/bin/python
 # The environment's packages come from $(PYTHON)'s own pip run on it (--python, pip 22.3):
@@ -63,21 +66,28 @@ check: lint test
 bench: $(VENV)/.installed-bench
 	$(VPY) contrib/bench/run.py $(BENCH_ARGS)
 
-# The package with its man page, and the systemd units with the program's path filled in.
-install: install-units
-	$(PYTHON) -m pip install --disable-pip-version-check \
-		--root '$(DESTDIR)/' --prefix '$(PREFIX)' .
-
-install-units:
-	install -d '$(DESTDIR)$(UNITDIR)'
-	for unit in $(UNITS); do \
-		sed 's|@BINDIR@|$(BINDIR)|g' contrib/systemd/$$unit > '$(DESTDIR)$(UNITDIR)'/$$unit \
-		&& chmod 644 '$(DESTDIR)$(UNITDIR)'/$$unit || exit 1; \
-	done
+# make install builds a virtual environment of its own in ENVDIR with pip run by that
+# environment's interpreter, so the interpreter that runs make is never changed; it puts a
+# launcher for it on BINDIR, the man page in MANDIR, the units in UNITDIR, and the list of
+# all it made in ENVDIR/installed-files for make uninstall. No path written into a file
+# holds DESTDIR, so a staged tree runs once copied to /. It refuses to overwrite a file it
+# did not install (Debian's /usr/bin/udptunnel with PREFIX=/usr). contrib/install.py has
+# the details.
+# The environment is based on $(PYTHON): the service's user (DynamicUser in
+# udptunnel@.service, with ProtectHome=yes and PrivateTmp=yes) must be able to run it, so for
+# a service give an interpreter outside /root, /home and /tmp, e.g. PYTHON=/usr/bin/python3.
+install:
+	$(PYTHON) contrib/install.py install --destdir '$(DESTDIR)' --envdir '$(ENVDIR)' \
+		--bindir '$(BINDIR)' --mandir '$(MANDIR)' --unitdir '$(UNITDIR)'
 
 uninstall:
-	$(PYTHON) -m pip uninstall --yes udptunnel
-	for unit in $(UNITS); do rm -f '$(DESTDIR)$(UNITDIR)'/$$unit; done
+	$(PYTHON) contrib/install.py uninstall --destdir '$(DESTDIR)' --envdir '$(ENVDIR)'
+
+# The units alone, with the program's path filled in (tests/test_systemd.py verifies them);
+# not recorded for make uninstall.
+install-units:
+	$(PYTHON) contrib/install.py units --destdir '$(DESTDIR)' --bindir '$(BINDIR)' \
+		--unitdir '$(UNITDIR)'
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
