@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -61,8 +62,9 @@ def make(target: str, destdir: Path, *variables: str) -> subprocess.CompletedPro
 
 
 def own_lines(stderr: str) -> list[str]:
-    """Standard error without make's own report of a failed recipe."""
-    return [line for line in stderr.splitlines() if not line.startswith("make: ***")]
+    """Standard error without make's own report of a failed recipe (``make[1]: ***``
+    under make test)."""
+    return [line for line in stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\* ", line)]
 
 
 def installed_packages() -> str:
