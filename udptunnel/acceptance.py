@@ -32,7 +32,7 @@ from .sockets import (
     reset,
 )
 from .systemd import take_listen_sockets
-from .tls import Tls
+from .tls import HANDSHAKE_RECORD, HEAD, NOT_TLS_ALERT, Tls, first_byte, is_client_hello
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +111,36 @@ async def refuse_all(listener: trio.SocketListener) -> None:
 
 
 class Proof:
-    """How far a new connection has got: begun (a byte of a handshake or a frame has come)
-    and proved (the handshake done, or a whole frame come)."""
+    """How far a new connection has got: begun (its first bytes have come, the first of them
+    kept in ``head``), proved (the handshake done, or a whole frame come), or expired (out of
+    time to prove itself).
 
-    def __init__(self) -> None:
+    Args:
+        plain: frames in clear are expected, so that a TLS client is told at its first
+            bytes that this end does not speak TLS.
+    """
+
+    def __init__(self, *, plain: bool = False) -> None:
         self.begun = trio.Event()
         self.proved = trio.Event()
+        self.head = b""
+        self.expired = False
+        self.plain = plain
         self._then: list[Callable[[], object]] = []
 
     def on_proof(self, then: Callable[[], object]) -> None:
         self._then.append(then)
 
-    def began(self) -> None:
+    def began(self, data: bytes | bytearray = b"") -> None:
+        """Bytes have come (``data``, if they are in hand).
+
+        Raises:
+            TunnelError: they are a TLS ClientHello, where frames in clear are expected.
+        """
+        if data and len(self.head) < HEAD:
+            self.head += data[: HEAD - len(self.head)]
+            if self.plain and is_client_hello(self.head):
+                raise TunnelError("the client speaks TLS, and this end is not started with --tls")
         self.begun.set()
 
     def prove(self) -> None:
@@ -131,6 +149,10 @@ class Proof:
             self.proved.set()
             for then in self._then:  # at once: a proved connection must not be pushed out
                 then()
+
+    def unproven(self, failure: BaseExceptionGroup[TunnelError]) -> str | None:
+        """What a failure before the first whole frame means: to a server, what it says."""
+        return None
 
 
 class Unproven:
@@ -181,7 +203,7 @@ class Admission:
         its first byte, or when newer connections push it out. A connection that has sent
         nothing at all is not ended here: an original client connects before it has
         anything to send."""
-        proof, who = Proof(), peer(stream)
+        proof, who = Proof(plain=self.tls is None), peer(stream)
         with trio.CancelScope() as scope:
             self._unproven.add(scope, who)
             proof.on_proof(partial(self._unproven.discard, scope))
@@ -193,19 +215,32 @@ class Admission:
             finally:
                 self._unproven.discard(scope)
         if scope.cancelled_caught and not proof.proved.is_set():
-            reset(stream)  # too late or pushed out: no orderly goodbye for it
+            # Too late or pushed out: no orderly goodbye for it. In TLS, one that sent
+            # nothing in all its time is told that this end speaks TLS: a plain client sends
+            # nothing until its first datagram.
+            silent = self.tls is not None and proof.expired and not proof.head
+            reset(stream, NOT_TLS_ALERT if silent else b"")
 
     async def secure(self, stream: trio.SocketStream, proof: Proof) -> trio.abc.Stream:
-        """The connection in TLS, which proves it; as it is, in plain TCP. A failed
-        handshake resets the connection (so that a TLS 1.3 client, which may think it got
-        in, learns otherwise).
+        """The connection in TLS, which proves it; as it is, in plain TCP. A connection
+        whose first byte cannot begin a TLS handshake is ended at once; a failed handshake
+        resets the connection, after the alert that says why (so that a TLS 1.3 client,
+        which may think it got in, learns otherwise).
 
         Raises:
-            TunnelError: the handshake failed or did not finish in time.
+            TunnelError: the client does not speak TLS, or the handshake failed or did not
+                finish in time.
         """
         if self.tls is None:
             return stream
-        proof.began()
+        proof.began()  # the handshake timeout runs from now: a TLS client speaks first
+        first = await first_byte(stream)
+        proof.began(first)
+        if first and first[0] != HANDSHAKE_RECORD:
+            reset(stream, NOT_TLS_ALERT)
+            raise TunnelError(
+                "TLS handshake failed: the client does not speak TLS (is it started without --tls?)"
+            )
         try:
             secured = await self.tls.secure(stream, None)
         except TunnelError:
@@ -221,5 +256,9 @@ class Admission:
         with trio.move_on_after(self.timeout):
             await proof.proved.wait()
             return
-        log.info("Closed TCP connection from %s: nothing useful in %g s", who, self.timeout)
+        hint = ""
+        if self.tls is not None and not proof.head:
+            hint = " (not a byte: is the client started without --tls?)"
+        log.info("Closed TCP connection from %s: nothing useful in %g s%s", who, self.timeout, hint)
+        proof.expired = True
         scope.cancel(reason="no handshake or frame in time")

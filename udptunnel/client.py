@@ -5,6 +5,11 @@ the connect timeout shared among the server's addresses, and in TLS verifies the
 before anything is carried. Without ``--persist`` the first failure, or the tunnel's end,
 ends the client; with it, the client tries again after a growing wait (persist.py),
 resolving the server's name anew each time.
+
+The wire format has no word for a refusal: a server that turns a client away can only end
+the connection, and say why in its own log. A TLS server says it with an alert, which the
+client reports in its own words; otherwise a connection reset right after it was made, before
+the server sent anything, is reported with its likely causes.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from dataclasses import dataclass
 
 import trio
 
+from .acceptance import Proof
 from .config import Address
-from .errors import ConfigError, TunnelError, messages
+from .errors import ConfigError, TunnelError, leaves, messages
 from .persist import STEADY_AFTER, Backoff
 from .session import Session
 from .sockets import Connections, Resolved, SockAddr, connect, resolve, show
-from .tls import Tls
+from .tls import Tls, is_alert
 
 log = logging.getLogger(__name__)
+
+REFUSAL_WINDOW = 3.0  # seconds: a server refuses within a round trip; later, a reset is a loss
 
 
 @dataclass(frozen=True)
@@ -41,21 +49,72 @@ async def dial(
     *,
     within: float,
     tls: Tls | None,
-) -> tuple[trio.abc.Stream, SockAddr]:
+) -> tuple[trio.abc.Stream, SockAddr, Answer]:
     """Connect to the server within ``within`` seconds, shared among its addresses, and in TLS
     shake hands, checking its certificate. The connection is closed with ``connections``.
 
     Returns:
-        The stream to carry the tunnel over, and the address it is connected to.
+        The stream to carry the tunnel over, the address it is connected to, and what to
+        tell its relay (so that a refusal is named).
 
     Raises:
-        TunnelError: no address answered, or the handshake failed.
+        TunnelError: no address answered, or the handshake failed; if the server ended the
+            connection at once, with the likely causes.
     """
     share = within / max(len(addresses), 1)
-    stream, address = await connect(connections, addresses, label, attempt_seconds=share)
-    if tls is None:
-        return stream, address
-    return await tls.secure(stream, label.host), address
+    try:
+        stream, address = await connect(connections, addresses, label, attempt_seconds=share)
+        secured = stream if tls is None else await tls.secure(stream, label.host)
+    except TunnelError as exc:
+        if was_reset(exc):
+            raise TunnelError(refused(str(exc), tls=tls is not None)) from exc
+        raise
+    return secured, address, Answer(tls=tls is not None)
+
+
+class Answer(Proof):
+    """What the server has sent on a new connection, told by its relay: if the connection
+    breaks before the first whole frame, this says what that means.
+
+    Args:
+        tls: the connection is in TLS.
+    """
+
+    def __init__(self, *, tls: bool) -> None:
+        super().__init__()
+        self.tls = tls
+        self.since = trio.current_time()
+
+    def unproven(self, failure: BaseExceptionGroup[TunnelError]) -> str | None:
+        """A reset before the server's first frame: in plain TCP after a TLS alert, the
+        server speaks TLS; after nothing at all, right after connecting, a refusal."""
+        if self.proved.is_set() or not any(map(was_reset, leaves(failure))):
+            return None
+        if not self.tls and is_alert(self.head):
+            return "the server speaks TLS: start this client with --tls"
+        if self.head or trio.current_time() - self.since > REFUSAL_WINDOW:
+            return None
+        return refused("; ".join(messages(failure)), tls=self.tls)
+
+
+def refused(failure: str, *, tls: bool) -> str:
+    """A failure right after connecting, before the server sent anything, and its likely
+    causes: the server's log says which."""
+    mismatch = "refuse our certificate or not use TLS" if tls else "expect TLS (--tls)"
+    return (
+        f"{failure} (the server ended it at once: is it busy with another client or at "
+        f"--max-flows, does it {mismatch}, or is it not udptunnel? Its log at -v says which)"
+    )
+
+
+def was_reset(exc: BaseException) -> bool:
+    """Whether the peer reset the connection (or had, when we wrote), behind ``exc``."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionResetError | BrokenPipeError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 class Client:
@@ -94,8 +153,8 @@ class Client:
         async with Connections(self.keepalive) as connections:
             connected = [await self._connect(connections, server) for server in self.servers]
             _log_connected(connected)
-            task_status.started([address for _, address in connected])
-            await self.session.carry([stream for stream, _ in connected])
+            task_status.started([address for _, address, _ in connected])
+            await self._carry(connected)
 
     async def keep_connected(self) -> None:
         """Connect, carry, and when the tunnel ends or cannot be made, connect again after
@@ -117,7 +176,7 @@ class Client:
                 else:
                     _log_connected(connected)  # now: the datagrams from here on are carried
                     up_since = trio.current_time()
-                    ended = await self.session.carry([stream for stream, _ in connected])
+                    ended = await self._carry(connected)
                     if trio.current_time() - up_since >= STEADY_AFTER:
                         backoff.reset()
             attempts += 1
@@ -133,9 +192,13 @@ class Client:
                 await trio.sleep(wait)
             counters.reconnects += 1
 
+    async def _carry(self, connected: list[tuple[trio.abc.Stream, SockAddr, Answer]]) -> str:
+        streams = [stream for stream, _, _ in connected]
+        return await self.session.carry(streams, [answer for _, _, answer in connected])
+
     async def _connect(
         self, connections: Connections, server: Server, *, again: bool = False
-    ) -> tuple[trio.abc.Stream, SockAddr]:
+    ) -> tuple[trio.abc.Stream, SockAddr, Answer]:
         """Connect one port pair's TCP connection. ``again``: resolve the server's name
         anew first, so that a server that has moved is found (a failure to resolve is one
         more failed attempt)."""
@@ -151,6 +214,6 @@ class Client:
         )
 
 
-def _log_connected(connected: list[tuple[trio.abc.Stream, SockAddr]]) -> None:
-    for _, address in connected:
+def _log_connected(connected: list[tuple[trio.abc.Stream, SockAddr, Answer]]) -> None:
+    for _, address, _ in connected:
         log.info("Connected TCP to %s", show(address))

@@ -21,10 +21,17 @@ class TunnelError(Exception):
 def messages(group: BaseExceptionGroup[Any]) -> Iterator[str]:
     """The message of every error in ``group``, however deeply nested: a system error in the
     system's words (``Connection refused``, not ``[Errno 111] Connection refused``)."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from messages(exc)
-        elif isinstance(exc, OSError) and exc.strerror:
+    for exc in leaves(group):
+        if isinstance(exc, OSError) and exc.strerror:
             yield exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
         else:
             yield str(exc) or type(exc).__name__
+
+
+def leaves(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
+    """Every error in ``group``, however deeply nested."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from leaves(exc)
+        else:
+            yield exc

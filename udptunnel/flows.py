@@ -303,7 +303,7 @@ class FlowClient:
             with _contained(flow, self.table.totals), flow.scope:
                 async with Connections(self.keepalive) as connections:
                     addresses, label = self.server
-                    stream, _ = await dial(
+                    stream, _, answer = await dial(
                         connections, addresses, label, within=self.connect_timeout, tls=self.tls
                     )
                     log.info("Flow from %s: connected", flow.name)
@@ -314,7 +314,12 @@ class FlowClient:
                     )
                     try:
                         await carry(
-                            stream, flow.queue, sender, flow.counters, max_delay=self.max_delay
+                            stream,
+                            flow.queue,
+                            sender,
+                            flow.counters,
+                            max_delay=self.max_delay,
+                            proof=answer,
                         )
                     finally:
                         flow.queue.close()  # before the goodbye: a new datagram, a new flow

@@ -107,19 +107,29 @@ async def carry(
         TunnelError: if the TCP connection breaks (reset, or a write to a closed peer), or
             UDP sending fails for good.
     """
-    async with trio.open_nursery() as nursery:
-        stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
-        to_udp = partial(tcp_to_udp, stream, sender, max_delay, proof)
-        nursery.start_soon(run_then, stop, to_udp)
-        nursery.start_soon(udp_to_tcp, inbound, stream, counters)
+    try:
+        async with trio.open_nursery() as nursery:
+            stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
+            to_udp = partial(tcp_to_udp, stream, sender, max_delay, proof)
+            nursery.start_soon(run_then, stop, to_udp)
+            nursery.start_soon(udp_to_tcp, inbound, stream, counters)
+    except* TunnelError as group:
+        if proof is None or (why := proof.unproven(group)) is None:
+            raise
+        raise TunnelError(why) from group
 
 
 class Proof(Protocol):
-    """Told how far a new connection has got: its first bytes, its first whole frame."""
+    """Told how far a new connection has got: its first bytes, its first whole frame; and
+    asked, if the connection breaks before its first whole frame, what that means."""
 
-    def began(self) -> None: ...
+    def began(self, data: bytes | bytearray = b"") -> None: ...
 
     def prove(self) -> None: ...
+
+    def unproven(self, failure: BaseExceptionGroup[TunnelError]) -> str | None:
+        """What a failure before the first whole frame means, if more than it says."""
+        ...
 
 
 async def run_then(stop: Callable[[], object], run: Callable[[], Awaitable[object]]) -> None:
@@ -144,7 +154,7 @@ async def tcp_to_udp(
         started = time.monotonic()
         frames = decoder.feed(data)
         if proof:
-            proof.began()
+            proof.began(data)
             if frames:
                 proof.prove()
                 proof = None

@@ -14,7 +14,7 @@ import math
 
 import trio
 
-from .acceptance import Admission, accept_each, accept_first, refuse_all
+from .acceptance import Admission, Proof, accept_each, accept_first, refuse_all
 from .errors import TunnelError
 from .session import Session
 from .sockets import Connections, peer, refuse, reset
@@ -81,7 +81,9 @@ class Server:
                 else:
                     for raw in streams:  # now: the datagrams from here on are carried
                         log.info("TCP connection from %s", peer(raw))
-                    await self.session.carry(secured)
+                    # In plain TCP, a TLS client is told at once that it is not welcome.
+                    plain = self.admission.tls is None
+                    await self.session.carry(secured, [Proof(plain=plain) for _ in secured])
                     served = True
                 refusers.cancel_scope.cancel(reason="the tunnel ended")
             if served and not self.persist:

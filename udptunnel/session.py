@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 
 import trio
@@ -18,7 +18,7 @@ import trio
 from .counters import Counters
 from .errors import TunnelError, messages
 from .persist import end_when_idle
-from .relay import discard, run_relay, run_then
+from .relay import Proof, discard, run_relay, run_then
 from .sockets import UdpEnd, peer
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,10 @@ class Session:
         self.idle_timeout = idle_timeout
         self.persist = persist
 
-    async def carry(self, streams: list[trio.abc.Stream]) -> str:
-        """Run the relays over ``streams`` until the tunnel ends.
+    async def carry(self, streams: list[trio.abc.Stream], proofs: Sequence[Proof]) -> str:
+        """Run the relays over ``streams`` until the tunnel ends; ``proofs``, one per
+        stream, are told of each connection's first bytes and frame, and asked what a
+        failure before them means.
 
         Returns:
             Why it ended: "closed" by a peer, "idle" past the idle timeout, or "lost"
@@ -76,7 +78,7 @@ class Session:
                 if idle := self.idle_timeout:
                     watch = partial(end_when_idle, lambda: counters.traffic, idle, end_idle)
                     nursery.start_soon(watch)
-                await self._run_relays(streams)
+                await self._run_relays(streams, proofs)
                 nursery.cancel_scope.cancel(reason="the tunnel ended")
         except* TunnelError as group:
             if not self.persist:
@@ -86,15 +88,17 @@ class Session:
             ended = "lost"
         return ended
 
-    async def _run_relays(self, streams: list[trio.abc.Stream]) -> None:
+    async def _run_relays(self, streams: list[trio.abc.Stream], proofs: Sequence[Proof]) -> None:
         """Run every relay; the first whose peer closes ends them all. Logs the summary."""
         try:
             async with trio.open_nursery() as nursery:
                 stop = partial(
                     nursery.cancel_scope.cancel, reason="a TCP peer closed the connection"
                 )
-                for stream, udp in zip(streams, self.udps, strict=True):
-                    relay = partial(run_relay, stream, udp, self.counters, max_delay=self.max_delay)
+                for stream, udp, proof in zip(streams, self.udps, proofs, strict=True):
+                    relay = partial(
+                        run_relay, stream, udp, self.counters, max_delay=self.max_delay, proof=proof
+                    )
                     nursery.start_soon(run_then, stop, relay)
         finally:
             log.info("Tunnel closed. %s", self.counters.summary())

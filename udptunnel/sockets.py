@@ -399,9 +399,13 @@ def refuse(stream: trio.SocketStream, why: str = "tunnel busy") -> None:
     reset(stream)
 
 
-def reset(stream: trio.SocketStream) -> None:
+def reset(stream: trio.SocketStream, last_words: bytes = b"") -> None:
     """Close with a reset (linger 0): the peer's next read or write fails, so that it can
-    tell a refusal from an orderly end."""
+    tell a refusal from an orderly end. ``last_words`` (a TLS alert that says why) are sent
+    first if the socket takes them at once: the peer reads them before it sees the reset."""
+    with contextlib.suppress(OSError):
+        if last_words:
+            os.write(stream.socket.fileno(), last_words)
     with contextlib.suppress(OSError):
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
     stream.socket.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import ssl
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from .errors import ConfigError, TunnelError
 log = logging.getLogger(__name__)
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_3
+HANDSHAKE_RECORD = 0x16  # the content type of the record every TLS client begins with
+HEAD = 6  # bytes that tell a TLS record's type, version and length, and a handshake's type
+# A ClientHello: a handshake record (SSL 3.0 to TLS 1.3 record versions), a length, type 1.
+_CLIENT_HELLO = re.compile(rb"\x16\x03[\x00-\x04]..\x01", re.DOTALL)
+# An alert record, sent in clear: its two bytes are a level and a description.
+_ALERT = re.compile(rb"\x15\x03[\x00-\x04]\x00\x02")
+# What a TLS server answers a client that sent something other than TLS, or nothing at
+# all (a plain client sends nothing until its first datagram): a fatal unexpected_message
+# alert in clear, which tells a plain udptunnel client that the server speaks TLS.
+NOT_TLS_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"
 ALERT_GRACE = 1.0  # seconds to send the alert that says why a handshake failed
 _ALERT_NAME = re.compile(r"(?:SSLV3|TLSV1|TLSV13)_ALERT_(\w+)")  # OpenSSL's reason for one
 _CERTIFICATE_ALERTS = {  # the alerts that refuse a certificate, in their RFC 8446 words
@@ -61,7 +72,8 @@ class Tls:
             return await handshake(
                 stream, self.context, server_side=self.server_side, server_name=name
             )
-        raise TunnelError(f"TLS handshake unfinished after {self.handshake_timeout:g} s")
+        hint = "" if self.server_side else " (is the server started with --tls?)"
+        raise TunnelError(f"TLS handshake unfinished after {self.handshake_timeout:g} s{hint}")
 
 
 def server_context(files: TlsFiles) -> ssl.SSLContext:
@@ -177,6 +189,25 @@ async def _send_alert(wrapped: trio.SSLStream[trio.abc.Stream]) -> None:
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
         ):
             await wrapped.transport_stream.send_all(alert)
+
+
+async def first_byte(stream: trio.SocketStream) -> bytes:
+    """The first byte the peer sends, left in place for whoever reads next; b"" if the
+    connection ends first."""
+    try:
+        return await stream.socket.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return b""
+
+
+def is_client_hello(head: bytes) -> bool:
+    """Whether the first bytes of a connection are a TLS ClientHello."""
+    return _CLIENT_HELLO.match(head) is not None
+
+
+def is_alert(head: bytes) -> bool:
+    """Whether the first bytes of a connection are a TLS alert in clear."""
+    return _ALERT.match(head) is not None
 
 
 def lost(stream: trio.abc.Stream, exc: trio.BrokenResourceError, doing: str) -> TunnelError:
