@@ -399,12 +399,23 @@ def _report(group: BaseExceptionGroup[Any]) -> None:
         click.echo(f"{prefix}{PROG}: {message}", err=True)
 
 
+class _Lines(logging.Formatter):
+    """Bare messages, as the original printed them; a failure the program survives
+    (WARNING and above, shown without -v) carries the program's name, as an error does."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return f"{PROG}: {line}" if record.levelno >= logging.WARNING else line
+
+
+class _JournalLines(JournalFormatter, _Lines):
+    """The same lines, each after its priority (``<4>udptunnel: ...``)."""
+
+
 def _configure_logging(verbosity: int) -> None:
-    """Bare messages on standard error, as the original printed them; into the journal,
-    each with its priority."""
+    """Messages on standard error; into the journal, each with its priority."""
     handler = logging.StreamHandler(sys.stderr)
-    journal = writes_to_journal()
-    handler.setFormatter((JournalFormatter if journal else logging.Formatter)("%(message)s"))
+    handler.setFormatter((_JournalLines if writes_to_journal() else _Lines)("%(message)s"))
     package = logging.getLogger(__package__)
     package.handlers[:] = [handler]
     package.setLevel(_LEVELS.get(verbosity, logging.DEBUG))
