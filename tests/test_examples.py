@@ -26,8 +26,10 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -563,6 +565,65 @@ def test_make_demo() -> None:
     assert "exit status: client 0, server 0" in result.stdout
 
 
+def test_pipx_install(tmp_path: Path) -> None:
+    """README's single-user install, with a pipx of the test's own and its directories in
+    the test's: the program and its page are linked, run, and removed again."""
+    (block,) = find("\npipx install .\n", count=1)
+    ((_, command),) = block.commands
+    tools = tmp_path / "pipx-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tools], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", tools / "bin" / "python"]
+    subprocess.run([*pip, "install", "--quiet", "pipx"], check=True, timeout=300)
+    env = {
+        "PATH": f"{tools / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PIPX_HOME": str(tmp_path / "pipx"),
+        "PIPX_BIN_DIR": str(tmp_path / "bin"),
+        "PIPX_MAN_DIR": str(tmp_path / "man"),
+    }
+    run_as_written = partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True)
+    installed = run_as_written(shlex.split(command), timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    program = tmp_path / "bin" / "udptunnel"
+    version = subprocess.run([program, "--version"], capture_output=True, text=True, env=env)
+    assert version.stdout.startswith("udptunnel "), version.stderr
+    assert (tmp_path / "man" / "man1" / "udptunnel.1").read_bytes() == MAN.read_bytes()
+    removed = run_as_written(["pipx", "uninstall", "udptunnel"], timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    assert not program.exists()
+
+
+@root
+@pytest.mark.needs("make", "unshare", "mount")
+def test_make_install_for_a_service() -> None:
+    """README's operator install, as written, with PREFIX left at /usr/local: in a mount
+    namespace of its own with an empty /usr/local, so that the machine's is not touched."""
+    (block,) = find("\nmake install PYTHON=/usr/bin/python3\n", count=1)
+    install, uninstall = (command for _, command in block.commands)
+    script = f"""
+        set -e
+        mount -t tmpfs tmpfs /usr/local
+        {install} >/dev/null
+        /usr/local/bin/udptunnel --version
+        test -s /usr/local/share/man/man1/udptunnel.1
+        grep -q '^ExecStart=/usr/local/bin/udptunnel$' \\
+            /usr/local/lib/systemd/system/udptunnel@.service
+        {uninstall} >/dev/null
+        find /usr/local -mindepth 1
+    """
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    version, *left = result.stdout.splitlines()
+    assert version.startswith("udptunnel ")
+    assert left == [], "make uninstall left these behind"
+
+
 # Every example is run --------------------------------------------------------------------
 
 RUN_BY = {  # a text that identifies a block: the test above that runs it
@@ -580,6 +641,8 @@ RUN_BY = {  # a text that identifies a block: the test above that runs it
     "--reuse-port -s 6000": test_several_flow_servers_on_one_port,
     'export PATH="$PWD/.venv/bin:$PATH"': test_the_path_help_and_manual,
     "make demo": test_make_demo,
+    "\npipx install .\n": test_pipx_install,
+    "\nmake install PYTHON=/usr/bin/python3\n": test_make_install_for_a_service,
 }
 
 
