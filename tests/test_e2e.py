@@ -50,9 +50,13 @@ def start_pair(spawn: type[Process], host: str = "127.0.0.1", *flags: str) -> Pa
     client = spawn([*common, addr(host, b_in), "-c", addr(host, tcp), addr(host, b)])
     client.wait_for(r"Connected TCP to")
     server.wait_for(r"TCP connection from")
-    return Pair(
-        server, client, udp_socket(host, a), udp_socket(host, b), (host, a_in), (host, b_in)
-    )
+    app_a = udp_socket(host, a)
+    try:
+        app_b = udp_socket(host, b)
+    except BaseException:
+        app_a.close()  # not left to the garbage collector, whose warning blames the next test
+        raise
+    return Pair(server, client, app_a, app_b, (host, a_in), (host, b_in))
 
 
 @pytest.fixture

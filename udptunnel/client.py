@@ -94,7 +94,7 @@ class Answer(Proof):
             return "the server speaks TLS: start this client with --tls"
         if self.head or trio.current_time() - self.since > REFUSAL_WINDOW:
             return None
-        return refused("; ".join(messages(failure)), tls=self.tls)
+        return refused(next(messages(failure)), tls=self.tls)  # one break, one line
 
 
 def refused(failure: str, *, tls: bool) -> str:

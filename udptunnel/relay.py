@@ -42,7 +42,7 @@ import trio
 
 from .counters import Counters
 from .egress import ICMP_ERRORS, YIELD_EVERY, UdpSender
-from .errors import TunnelError
+from .errors import TunnelError, leaves
 from .framing import HEADER, MAX_DATAGRAM, Decoder
 from .sockets import UdpEnd
 from .tls import lost
@@ -114,9 +114,11 @@ async def carry(
             nursery.start_soon(run_then, stop, to_udp)
             nursery.start_soon(udp_to_tcp, inbound, stream, counters)
     except* TunnelError as group:
-        if proof is None or (why := proof.unproven(group)) is None:
-            raise
-        raise TunnelError(why) from group
+        # One break, seen by both directions at once: the first to see it says what it was.
+        first = next(leaves(group))
+        if proof is not None and (why := proof.unproven(group)) is not None:
+            raise TunnelError(why) from first
+        raise first from first.__cause__  # its own cause, kept (was_reset reads it)
 
 
 class Proof(Protocol):

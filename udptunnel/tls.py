@@ -237,7 +237,7 @@ def reason(exc: BaseException, *, peer: str) -> str:
         if alert in _CERTIFICATE_ALERTS:
             return f"the {peer} refused our certificate: {words}"
         return f"the {peer} ended the handshake with the TLS alert {words!r}"
-    if isinstance(cause, ssl.SSLEOFError):
+    if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError):  # 3.11.2 gives the latter
         return f"the {peer} closed the connection" + (
             " (is it started with --tls?)" if peer == "server" else ""
         )
