@@ -571,8 +571,8 @@ def test_pipx_install(tmp_path: Path) -> None:
     (block,) = find("\npipx install .\n", count=1)
     ((_, command),) = block.commands
     tools = tmp_path / "pipx-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tools], check=True)
-    pip = [sys.executable, "-m", "pip", "--python", tools / "bin" / "python"]
+    subprocess.run([sys.executable, "-m", "venv", tools], check=True)  # with a pip of its own
+    pip = [tools / "bin" / "python", "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "--quiet", "pipx"], check=True, timeout=300)
     env = {
         "PATH": f"{tools / 'bin'}:/usr/bin:/bin",
