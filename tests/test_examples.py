@@ -337,7 +337,9 @@ def test_two_hosts(lan: Lan, block: Block, spawn: type[Process]) -> None:
 
 @root
 @pytest.mark.parametrize(
-    "block", find("--udp-bind 127.0.0.1/5001 127.0.0.1/5000", count=2), ids=lambda b: b.where
+    "block",
+    find("udptunnel -s 6000 --udp-bind 127.0.0.1/5001 127.0.0.1/5000", count=2),
+    ids=lambda b: b.where,
 )
 def test_one_host(lan: Lan, block: Block, spawn: type[Process]) -> None:
     host = lan["desk"]  # any host: everything is on its loopback
@@ -626,10 +628,10 @@ def test_make_install_for_a_service() -> None:
 
 # Every example is run --------------------------------------------------------------------
 
-RUN_BY = {  # a text that identifies a block: the test above that runs it
+RUN_BY: dict[str, object] = {  # a text that identifies a block: the test that runs it
     "\nudptunnel -s 6000 media.example.org/5000\n": test_two_hosts,
     "udptunnel -c gw.example.org/6000 desk.example.com/5000": test_two_hosts,
-    "--udp-bind 127.0.0.1/5001 127.0.0.1/5000": test_one_host,
+    "udptunnel -s 6000 --udp-bind 127.0.0.1/5001 127.0.0.1/5000": test_one_host,
     "udptunnel -r -s 6000": test_rtp,
     "[2001:db8::1]:6000": test_ipv6,
     "udptunnel -s 6000 media.example.org/5004": test_multicast,
@@ -643,6 +645,7 @@ RUN_BY = {  # a text that identifies a block: the test above that runs it
     "make demo": test_make_demo,
     "\npipx install .\n": test_pipx_install,
     "\nmake install PYTHON=/usr/bin/python3\n": test_make_install_for_a_service,
+    "--proxy http://alice@proxy.example.com:3128": "test_proxy.py::test_the_documented_example",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -279,6 +280,22 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
     "TLS or flow-mode server: at most N connections at once that have not finished their TLS "
     "handshake (or, in plain TCP, sent their first frame); a newer one pushes out the oldest.",
 )
+@_option(
+    "--proxy",
+    metavar="URL",
+    env="PROXY",
+    help="A client's way out: connect through this proxy, http://[USER@]HOST:PORT (HTTP "
+    "CONNECT), socks5://... (the client resolves the server's name) or socks5h://... (the "
+    "proxy does); 'env' takes it from https_proxy or all_proxy, honouring no_proxy, as curl.",
+)
+@_option(
+    "--proxy-password-file",
+    type=click.Path(dir_okay=False, readable=False),
+    metavar="FILE",
+    env="PROXY_PASSWORD_FILE",
+    help="The proxy user's password, the file's first line; or give it in "
+    "UDPTUNNEL_PROXY_PASSWORD. Never on the command line, where other users can read it.",
+)
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.argument("udp", metavar="UDP-ADDR/UDP-PORT[/TTL]", envvar=ENV + "UDP")
 def command(servers: Sequence[str], clients: Sequence[str], verbose: int, **options: Any) -> int:
@@ -299,11 +316,18 @@ def command(servers: Sequence[str], clients: Sequence[str], verbose: int, **opti
         config = build_config(
             server=servers[0] if servers else None,
             client=clients[0] if clients else None,
+            proxy_password=_proxy_password(options.pop("proxy_password_file")),
+            environ=os.environ,
             **options,
         )
     except ConfigError as exc:
         raise _BadConfig(str(exc)) from exc
     _configure_logging(verbose)
+    if config.proxy is not None and config.proxy.exposed:
+        log.warning(
+            "The proxy password is in the URL, where other users can read it (ps): give it "
+            "in --proxy-password-file or UDPTUNNEL_PROXY_PASSWORD"
+        )
     return run(config)
 
 
@@ -391,6 +415,22 @@ def _stop(signum: int, scope: trio.CancelScope, notifier: Notifier) -> None:
     log.info("%s received, closing the tunnel", name)
     notifier.notify(STOPPING=1, STATUS=f"{name} received, closing the tunnel")
     scope.cancel(reason=f"{name} received")
+
+
+def _proxy_password(path: str | None) -> str | None:
+    """The proxy's password: the first line of ``path``, or UDPTUNNEL_PROXY_PASSWORD.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    if path is None:
+        return os.environ.get(ENV + "PROXY_PASSWORD")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(f"{path}: cannot read the proxy password ({why})") from exc
 
 
 def _report(group: BaseExceptionGroup[Any]) -> None:

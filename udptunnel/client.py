@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
 from .acceptance import Proof
-from .config import Address
+from .config import Address, ProxySettings
 from .errors import ConfigError, TunnelError, leaves, messages
 from .persist import STEADY_AFTER, Backoff
+from .proxy import connect_via
 from .session import Session
 from .sockets import Connections, Resolved, SockAddr, connect, resolve, show
 from .tls import Tls, is_alert
@@ -35,41 +36,68 @@ REFUSAL_WINDOW = 3.0  # seconds: a server refuses within a round trip; later, a 
 
 @dataclass(frozen=True)
 class Server:
-    """Where one port pair's TCP connection goes: the server's addresses, resolved, and
-    its name as given (resolved again on each reconnection)."""
+    """Where one port pair's TCP connection goes: the server's addresses, resolved (none
+    where a proxy resolves the name), its name as given (resolved again on each
+    reconnection), and the proxy to go through, if any."""
 
     addresses: list[Resolved]
     label: Address
+    proxy: ProxySettings | None = None
+
+    @property
+    def resolved_here(self) -> bool:
+        """Whether this end resolves the server's name (not a proxy that does it)."""
+        return self.proxy is None or not self.proxy.resolves_names
 
 
 async def dial(
     connections: Connections,
-    addresses: list[Resolved],
-    label: Address,
+    server: Server,
     *,
     within: float,
     tls: Tls | None,
 ) -> tuple[trio.abc.Stream, SockAddr, Answer]:
-    """Connect to the server within ``within`` seconds, shared among its addresses, and in TLS
-    shake hands, checking its certificate. The connection is closed with ``connections``.
+    """Connect to the server within ``within`` seconds, shared among its addresses (or
+    through its proxy, the proxy's handshake included), and in TLS shake hands, checking
+    the server's certificate. The connection is closed with ``connections``.
 
     Returns:
         The stream to carry the tunnel over, the address it is connected to, and what to
         tell its relay (so that a refusal is named).
 
     Raises:
-        TunnelError: no address answered, or the handshake failed; if the server ended the
-            connection at once, with the likely causes.
+        TunnelError: no address answered, the proxy refused, or the handshake failed; if the
+            server ended the connection at once, with the likely causes.
     """
+    addresses, label = server.addresses, server.label
     share = within / max(len(addresses), 1)
     try:
-        stream, address = await connect(connections, addresses, label, attempt_seconds=share)
+        if server.proxy is None:
+            stream, address = await connect(connections, addresses, label, attempt_seconds=share)
+        else:
+            stream, address = await _through(connections, server.proxy, addresses, label, within)
         secured = stream if tls is None else await tls.secure(stream, label.host)
     except TunnelError as exc:
         if was_reset(exc):
             raise TunnelError(refused(str(exc), tls=tls is not None)) from exc
         raise
     return secured, address, Answer(tls=tls is not None)
+
+
+async def _through(
+    connections: Connections,
+    proxy: ProxySettings,
+    addresses: list[Resolved],
+    label: Address,
+    within: float,
+) -> tuple[trio.SocketStream, SockAddr]:
+    """Connect to the server through ``proxy`` within ``within`` seconds."""
+    with trio.move_on_after(within):
+        stream, address = await connect_via(proxy, label, addresses)
+        return connections.adopt(stream), address
+    raise TunnelError(
+        f"cannot connect to TCP {label} through the proxy {proxy}: no answer in {within:g} s"
+    )
 
 
 class Answer(Proof):
@@ -152,7 +180,7 @@ class Client:
         """
         async with Connections(self.keepalive) as connections:
             connected = [await self._connect(connections, server) for server in self.servers]
-            _log_connected(connected)
+            self._log_connected(connected)
             task_status.started([address for _, address, _ in connected])
             await self._carry(connected)
 
@@ -174,7 +202,7 @@ class Client:
                     for message in messages(group):
                         log.warning("%s", message)
                 else:
-                    _log_connected(connected)  # now: the datagrams from here on are carried
+                    self._log_connected(connected)  # now: the datagrams from here on are carried
                     up_since = trio.current_time()
                     ended = await self._carry(connected)
                     if trio.current_time() - up_since >= STEADY_AFTER:
@@ -203,17 +231,17 @@ class Client:
         anew first, so that a server that has moved is found (a failure to resolve is one
         more failed attempt)."""
         self.session.counters.state = f"connecting to {server.label}"
-        addresses = server.addresses
-        if again:
+        if again and server.resolved_here:
             try:
                 addresses = await resolve(server.label, "TCP", socket.SOCK_STREAM)
             except ConfigError as exc:  # it did resolve at the start: it may again
                 raise TunnelError(str(exc)) from exc
-        return await dial(
-            connections, addresses, server.label, within=self.connect_timeout, tls=self.tls
-        )
+            server = replace(server, addresses=addresses)
+        return await dial(connections, server, within=self.connect_timeout, tls=self.tls)
 
-
-def _log_connected(connected: list[tuple[trio.abc.Stream, SockAddr, Answer]]) -> None:
-    for _, address, _ in connected:
-        log.info("Connected TCP to %s", show(address))
+    def _log_connected(self, connected: list[tuple[trio.abc.Stream, SockAddr, Answer]]) -> None:
+        for (_, address, _), server in zip(connected, self.servers, strict=True):
+            if server.proxy is None:
+                log.info("Connected TCP to %s", show(address))
+            else:
+                log.info("Connected TCP to %s through the proxy %s", show(address), server.proxy)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
 
@@ -176,6 +177,150 @@ class Relay:
     udp_bind: Address
 
 
+PROXY_SCHEMES = ("http", "socks5", "socks5h")  # CONNECT; SOCKS5, we resolve; it resolves
+PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")  # as curl reads them
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """A client's proxy: ``scheme://[user[:password]@]host:port``. Shown without the
+    credentials, which never reach a log; ``exposed``: the password was in the URL, where
+    other users can read it (``ps``)."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    exposed: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def resolves_names(self) -> bool:
+        """The proxy resolves the server's name (HTTP CONNECT, socks5h); for socks5 the
+        client does, and asks for an address."""
+        return self.scheme != "socks5"
+
+
+def parse_proxy(text: str) -> ProxySettings:
+    """Parse a ``--proxy`` URL: ``http://``, ``socks5://`` or ``socks5h://``, an optional
+    ``user[:password]@`` (percent-encoded), a host (``[v6]`` in brackets) and a port.
+
+    Raises:
+        ConfigError: naming the text and what is wrong with it.
+    """
+    forms = "expected http://, socks5:// or socks5h://[USER@]HOST:PORT"
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        raise ConfigError(f"{text!r}: invalid port ({exc}; {forms})") from exc
+    scheme = url.scheme.lower()
+    if scheme not in PROXY_SCHEMES or not url.netloc:
+        raise ConfigError(f"{text!r}: {forms}")
+    if not url.hostname:
+        raise ConfigError(f"{text!r}: no proxy host ({forms})")
+    if port is None:
+        raise ConfigError(f"{text!r}: a port is needed ({forms})")
+    if not MIN_PORT <= port <= MAX_PORT:
+        raise ConfigError(f"{text!r}: invalid port {port} (expected {MIN_PORT}-{MAX_PORT})")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ConfigError(f"{text!r}: nothing may follow the port ({forms})")
+    host = url.netloc.rpartition("@")[2].rpartition(":")[0].strip("[]")  # as written, not lowered
+    username = unquote(url.username) if url.username is not None else None
+    password = unquote(url.password) if url.password is not None else None
+    return ProxySettings(scheme, host, port, username, password, exposed=password is not None)
+
+
+def proxy_from_environment(
+    environ: Mapping[str, str], host: str, port: int
+) -> ProxySettings | None:
+    """The proxy for a connection to ``host``/``port`` that the environment names, as curl
+    chooses it for an HTTPS URL: ``https_proxy``, ``HTTPS_PROXY``, ``all_proxy``,
+    ``ALL_PROXY`` (the first set; a value without a scheme is ``http://``), unless
+    ``no_proxy`` or ``NO_PROXY`` names the host: ``*``, a domain (``example.org`` and
+    ``.example.org`` both cover its subdomains), an address or a network, each with an
+    optional ``:PORT``.
+
+    Raises:
+        ConfigError: the variable's value is not a proxy URL.
+    """
+    for name in PROXY_VARIABLES:
+        if value := environ.get(name, "").strip():
+            break
+    else:
+        return None
+    exceptions = next((environ[n] for n in NO_PROXY_VARIABLES if environ.get(n)), "")
+    if any(_bypasses(entry.strip().lower(), host.lower(), port) for entry in exceptions.split(",")):
+        return None
+    try:
+        return parse_proxy(value if "://" in value else f"http://{value}")
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+def _bypasses(entry: str, host: str, port: int) -> bool:
+    """Whether one ``no_proxy`` entry covers ``host``/``port``."""
+    if not entry:
+        return False
+    if entry == "*":
+        return True
+    if (match := re.fullmatch(r"(.*[^:]):([0-9]+)", entry)) and not _is_network(entry):
+        if int(match[2]) != port:
+            return False
+        entry = match[1].strip("[]")
+    if _is_network(entry):
+        try:
+            return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return False  # a name is not in a network
+    domain = entry.lstrip(".")
+    return host == domain or host.endswith("." + domain)
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _proxy(
+    mode: Mode,
+    proxy: str | None,
+    password: str | None,
+    tcp: Address,
+    environ: Mapping[str, str],
+) -> ProxySettings | None:
+    """The client's proxy: ``--proxy URL``, or ``--proxy env`` from ``environ``; the
+    password, if given apart from the URL, in place of none.
+
+    Raises:
+        ConfigError: a server given a proxy, a bad URL, or a password given twice.
+    """
+    if proxy is None:
+        if password is not None:
+            raise ConfigError("a proxy password without --proxy")
+        return None
+    if mode is Mode.SERVER:
+        raise ConfigError("--proxy is for a client (-c): a server makes no connections")
+    assert tcp.host is not None  # a client always names its server
+    if proxy == "env":
+        settings = proxy_from_environment(environ, tcp.host, tcp.port)
+    else:
+        settings = parse_proxy(proxy)
+    if settings is None or password is None:
+        return settings
+    if settings.exposed:
+        raise ConfigError("the proxy password is given twice: in the URL and apart from it")
+    return replace(settings, password=password)
+
+
 @dataclass(frozen=True)
 class Config:
     """One tunnel end, checked: every port in range, RTP ports even."""
@@ -200,6 +345,7 @@ class Config:
     tls: TlsFiles | None = None  # None: plain TCP, the original's wire format
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # flow server: unproven connections at once
+    proxy: ProxySettings | None = None  # a client's way out: HTTP CONNECT or SOCKS5
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -395,6 +541,9 @@ def build_config(
     tls_server_name: str | None = None,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+    proxy: str | None = None,
+    proxy_password: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
 
@@ -411,6 +560,9 @@ def build_config(
         tls, tls_cert, tls_key, tls_ca, tls_server_name: ``--tls`` and its files; a server
             uses TLS when given a certificate, a client when given ``--tls``.
         handshake_timeout: seconds a connection has for its TLS handshake.
+        proxy: the ``--proxy`` value, a URL or ``env``; proxy_password: its password, read
+            from ``--proxy-password-file`` or UDPTUNNEL_PROXY_PASSWORD; environ: where
+            ``--proxy env`` looks (the process's environment).
 
     Raises:
         ConfigError: with the original's wording where it had one.
@@ -427,9 +579,10 @@ def build_config(
     else:
         raise ConfigError("You must specify one of -s and -c.")
     bind_host, bind_port = parse_local(udp_bind) if udp_bind is not None else (None, None)
+    tcp = Address(tcp_host, udp_address.port if tcp_port is None else tcp_port)
     config = Config(
         mode=mode,
-        tcp=Address(tcp_host, udp_address.port if tcp_port is None else tcp_port),
+        tcp=tcp,
         udp=udp_address,
         udp_bind=Address(bind_host, udp_address.port if bind_port is None else bind_port),
         ttl=ttl,
@@ -448,6 +601,7 @@ def build_config(
         tls=_tls_files(mode, tls, tls_cert, tls_key, tls_ca, tls_server_name),
         handshake_timeout=handshake_timeout,
         max_handshakes=max_handshakes,
+        proxy=_proxy(mode, proxy, proxy_password, tcp, {} if environ is None else environ),
     )
     if flows and rtp:
         raise ConfigError("Flow mode (--flows) and RTP mode (-r) cannot be combined.")

@@ -29,7 +29,7 @@ import trio
 
 from .acceptance import Admission, accept_each, open_listeners
 from .allow import SourceFilter
-from .client import dial
+from .client import Server, dial
 from .config import Address
 from .counters import Counters
 from .egress import ICMP_ERRORS, UdpSender
@@ -241,7 +241,7 @@ class FlowClient:
     def __init__(
         self,
         sock: socket.socket,
-        server: tuple[list[Resolved], Address],
+        server: Server,
         tls: Tls | None,
         table: FlowTable[ClientFlow],
         sources: SourceFilter,
@@ -302,9 +302,8 @@ class FlowClient:
         try:
             with _contained(flow, self.table.totals), flow.scope:
                 async with Connections(self.keepalive) as connections:
-                    addresses, label = self.server
                     stream, _, answer = await dial(
-                        connections, addresses, label, within=self.connect_timeout, tls=self.tls
+                        connections, self.server, within=self.connect_timeout, tls=self.tls
                     )
                     log.info("Flow from %s: connected", flow.name)
                     self.table.totals.tunnels += 1

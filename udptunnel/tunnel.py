@@ -131,7 +131,7 @@ async def run_tunnel(
             return
         client = Client(
             session,
-            [ServerAddress(plan.tcp, plan.relay.tcp) for plan in plans],
+            [ServerAddress(plan.tcp, plan.relay.tcp, config.proxy) for plan in plans],
             tls,
             keepalive=config.keepalive,
             connect_timeout=config.connect_timeout,
@@ -182,7 +182,7 @@ async def _run_flows(
         task_status.started(Ready([[]], [sock.getsockname()]))
         client = FlowClient(
             sock,
-            (plan.tcp, label),
+            ServerAddress(plan.tcp, label, config.proxy),
             tls,
             FlowTable[ClientFlow](config.max_flows, config.flow_timeout, counters),
             sources,
@@ -203,5 +203,8 @@ async def _resolve(relay: Relay, config: Config) -> _Plan:
         udp_bind = (family, (host, relay.udp_bind.port))
     else:
         udp_bind = (await resolve(relay.udp_bind, "UDP bind", socket.SOCK_DGRAM))[0]
-    tcp = await resolve(relay.tcp, "TCP", socket.SOCK_STREAM, passive=mode is Mode.SERVER)
+    if mode is Mode.CLIENT and config.proxy is not None and config.proxy.resolves_names:
+        tcp: list[Resolved] = []  # the proxy resolves the name: this end may not know it
+    else:
+        tcp = await resolve(relay.tcp, "TCP", socket.SOCK_STREAM, passive=mode is Mode.SERVER)
     return _Plan(relay, tcp, udp, udp_bind)
