@@ -11,6 +11,8 @@ import contextlib
 import os
 import re
 import socket
+import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ from udptunnel.config import parse_proxy, proxy_from_environment
 from udptunnel.errors import ConfigError
 
 from . import test_examples as examples
-from .conftest import BIN, UDPTUNNEL, WAIT, Process
+from . import test_tls as tls
+from .conftest import BIN, UDPTUNNEL, WAIT, Process, free_port
 from .netns import Namespace
 from .proxies import (
     DANTE_PORT,
@@ -311,3 +314,328 @@ def applications_on(firewall: Firewall, port: int) -> Iterator[tuple[socket.sock
         contextlib.closing(firewall.server.open_udp_socket("127.0.0.1", port, timeout=WAIT)) as b,
     ):
         yield a, b
+
+
+# Through squid, every mode -----------------------------------------------------------------
+
+SQUID_URL = f"http://{USER}@{PROXY_IN}:{SQUID_PORT}"
+
+
+@root
+@pytest.mark.needs("squid", "openssl")
+def test_rtp_mode_makes_both_connections_through_the_proxy(
+    firewall: Firewall, spawn: Spawn
+) -> None:
+    ports = (TUNNEL_PORT, TUNNEL_PORT + 1)
+    with (
+        run_squid(firewall.proxy, users={USER: PASSWORD}, ports=ports),
+        applications_on(firewall, 5000) as (rtp_client, rtp_server),
+        applications_on(firewall, 5001) as (rtcp_client, rtcp_server),
+    ):
+        server = spawn(
+            [UDPTUNNEL, "-v", "-r", "-s", str(TUNNEL_PORT), "--udp-bind", "127.0.0.1/5002",
+             "127.0.0.1/5000"],
+            prefix=firewall.server.prefix,
+        )  # fmt: skip
+        server.wait_for("Listening for TCP connections on port 6001")
+        client = spawn(
+            [UDPTUNNEL, "-v", "-r", "--proxy", SQUID_URL, "-c", f"{INSIDE_NAME}/{TUNNEL_PORT}",
+             "--udp-bind", "127.0.0.1/5006", "127.0.0.1/5000"],
+            prefix=[*firewall.client.prefix, "env", f"UDPTUNNEL_PROXY_PASSWORD={PASSWORD}"],
+        )  # fmt: skip
+        for port in ports:
+            client.wait_for(rf"Connected TCP to {INSIDE_NAME}/{port} through the proxy")
+        for near, far, near_in, far_in in (
+            (rtp_client, rtp_server, 5006, 5002),
+            (rtcp_client, rtcp_server, 5007, 5003),
+        ):
+            near.sendto(b"to the server", ("127.0.0.1", near_in))
+            assert far.recv(100) == b"to the server"
+            far.sendto(b"to the client", ("127.0.0.1", far_in))
+            assert near.recv(100) == b"to the client"
+        client.signal()
+        assert (client.wait(), server.wait()) == (0, 0)
+
+
+@root
+@pytest.mark.needs("squid", "openssl")
+def test_each_flow_connects_through_the_proxy(firewall: Firewall, spawn: Spawn) -> None:
+    """Flow mode: 20 sources, each with its own connection through squid, each getting its
+    own replies."""
+    with (
+        run_squid(firewall.proxy, users={USER: PASSWORD}),
+        applications_on(firewall, 5000) as (_, service),
+    ):
+        server = spawn(
+            [UDPTUNNEL, "-v", "--flows", "-s", str(TUNNEL_PORT), "127.0.0.1/5000"],
+            prefix=firewall.server.prefix,
+        )
+        server.wait_for("Listening for TCP connections")
+        client = spawn(
+            [UDPTUNNEL, "-v", "--flows", "--proxy", SQUID_URL, "-c",
+             f"{INSIDE_NAME}/{TUNNEL_PORT}", "127.0.0.1/7001"],
+            prefix=[*firewall.client.prefix, "env", f"UDPTUNNEL_PROXY_PASSWORD={PASSWORD}"],
+        )  # fmt: skip
+        client.wait_for("Receiving flows on UDP")
+        with contextlib.ExitStack() as stack:
+            sources = [
+                stack.enter_context(
+                    contextlib.closing(firewall.client.open_udp_socket("127.0.0.1", timeout=WAIT))
+                )
+                for _ in range(20)
+            ]
+            for n, source in enumerate(sources):
+                source.sendto(b"question %d" % n, ("127.0.0.1", 7001))
+                question, flow = service.recvfrom(100)
+                assert question == b"question %d" % n
+                service.sendto(question.replace(b"question", b"answer"), flow)
+            for n, source in enumerate(sources):
+                assert source.recv(100) == b"answer %d" % n
+        client.wait_for(r"Connecting to .* through the proxy", nth=20)  # a connection each
+        client.signal()
+        server.signal()
+        assert (client.wait(), server.wait()) == (0, 0)
+
+
+@root
+@pytest.mark.needs("squid", "openssl")
+def test_tls_runs_end_to_end_through_the_proxy(
+    firewall: Firewall, spawn: Spawn, tmp_path: Path
+) -> None:
+    """Mutual TLS through CONNECT: the certificate and the name checked are the server's
+    (gw.example.org), which the proxy neither has nor sees."""
+    ca = tls.self_signed("ca", tmp_path)
+    cert, key = tls.signed("server", ca, tmp_path, f"DNS:{SERVER_NAME}")
+    client_cert, client_key = tls.signed("client", ca, tmp_path)
+    with run_squid(firewall.proxy, users={USER: PASSWORD}), applications(firewall) as ends:
+        server = start_server(
+            spawn, firewall, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca[0])
+        )
+        client = start_client(
+            spawn, firewall, SQUID_URL, "--tls", "--tls-ca", str(ca[0]), "--tls-cert",
+            str(client_cert), "--tls-key", str(client_key), password=PASSWORD,
+        )  # fmt: skip
+        client.wait_for(rf"Connected TCP to {SERVER_NAME}/{TUNNEL_PORT} through the proxy")
+        ends.exchange(100)
+        client.signal()
+        assert (client.wait(), server.wait()) == (0, 0)
+
+
+@root
+@pytest.mark.needs("squid", "openssl")
+def test_a_persistent_client_comes_back_through_a_restarted_proxy(
+    firewall: Firewall, spawn: Spawn
+) -> None:
+    with applications(firewall) as ends:
+        server = start_server(spawn, firewall, "--persist")
+        with run_squid(firewall.proxy, users={USER: PASSWORD}):
+            client = start_client(
+                spawn, firewall, SQUID_URL, "--persist", "--reconnect-max", "1",
+                server=INSIDE_NAME, password=PASSWORD,
+            )  # fmt: skip
+            client.wait_for("Connected TCP to .* through the proxy")
+            ends.exchange(10)
+        client.wait_for("Tunnel lost|TCP connection closed by the peer")  # squid went
+        with run_squid(firewall.proxy, users={USER: PASSWORD}):
+            client.wait_for("Connected TCP to .* through the proxy", nth=2)
+            ends.exchange(10)
+        client.signal()
+        server.signal()
+        assert (client.wait(), server.wait()) == (0, 0)
+    assert PASSWORD not in client.stderr
+
+
+# What the client says when it cannot get through -------------------------------------------
+
+
+@contextlib.contextmanager
+def impostor(ns: Namespace, port: int, answer: bytes | None) -> Iterator[None]:
+    """Something on ``port`` of the proxy's host that is no proxy: it sends ``answer`` to
+    each connection and then holds it, or (None) closes it at once."""
+    listener = ns.open_socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((PROXY_IN, port))
+    listener.listen()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if answer is None:
+                conn.close()
+            else:
+                conn.sendall(answer)
+                held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(WAIT)
+        for conn in held:
+            conn.close()
+
+
+@dataclass(frozen=True)
+class Failure:
+    proxy: str  # which proxy runs: squid, dante, or an impostor's answer
+    url: str
+    line: str  # the client's one line, a regular expression
+    server: str = f"{SERVER_NAME}/{TUNNEL_PORT}"
+    password: str | None = PASSWORD
+    status: int = 1
+    flags: tuple[str, ...] = ()
+
+
+SQUID = f"http://{USER}@{PROXY_IN}:{SQUID_PORT}"
+DANTE = f"socks5://{SOCKS_USER}@{PROXY_IN}:{DANTE_PORT}"
+SHOWN_SQUID = re.escape(f"http://{PROXY_IN}:{SQUID_PORT}")
+SHOWN_DANTE = re.escape(f"socks5://{PROXY_IN}:{DANTE_PORT}")
+FAILURES = {
+    "nothing listens where the proxy should be": Failure(
+        "none", SQUID, rf"cannot connect to the proxy {SHOWN_SQUID}: Connection refused"
+    ),
+    "squid, the wrong password": Failure(
+        "squid", SQUID,
+        rf"the proxy {SHOWN_SQUID} refused our credentials for user '{USER}' \(407 Proxy "
+        r"Authentication Required\)",
+        password="not the password",
+    ),
+    "squid, the user without a password": Failure(
+        "squid", SQUID,
+        rf"the proxy {SHOWN_SQUID} refused our credentials for user '{USER}' \(407 .*\)",
+        password=None,
+    ),
+    "squid, no credentials at all": Failure(
+        "squid", f"http://{PROXY_IN}:{SQUID_PORT}",
+        rf"the proxy {SHOWN_SQUID} requires credentials \(407 Proxy Authentication Required\): "
+        r"give the user in the URL .* --proxy-password-file or UDPTUNNEL_PROXY_PASSWORD",
+        password=None,
+    ),
+    "squid, CONNECT to a port it does not allow": Failure(
+        "squid", SQUID,
+        rf"the proxy {SHOWN_SQUID} forbids a connection to {SERVER_NAME}/7000 \(403 Forbidden\); "
+        r"many proxies, squid by default, allow CONNECT only to port 443: .*allow port 7000",
+        server=f"{SERVER_NAME}/7000",
+    ),
+    "squid, no server behind it": Failure(
+        "squid", SQUID,
+        rf"the proxy {SHOWN_SQUID} could not reach the server {SERVER_NAME}/{TUNNEL_PORT} "
+        r"\(503 Service Unavailable\)",
+    ),
+    "dante, no server behind it": Failure(
+        "dante", DANTE,
+        rf"the proxy {SHOWN_DANTE} could not connect to {SERVER}/{TUNNEL_PORT}: "
+        r"connection refused",
+    ),
+    "dante, the wrong password": Failure(
+        "dante", DANTE,
+        rf"the proxy {SHOWN_DANTE} refused our credentials \(SOCKS5 user '{SOCKS_USER}'\)",
+        password="not the password",
+    ),
+    "dante, no credentials": Failure(
+        "dante", f"socks5://{PROXY_IN}:{DANTE_PORT}",
+        rf"the proxy {SHOWN_DANTE} requires credentials: give the user in the URL .*",
+        password=None,
+    ),
+    "an SSH server where an HTTP proxy should be": Failure(
+        "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", f"http://{PROXY_IN}:{SQUID_PORT}",
+        rf"the proxy {SHOWN_SQUID} does not speak HTTP CONNECT: 'Invalid status .*'",
+        password=None,
+    ),
+    "an HTTP server where a SOCKS5 proxy should be": Failure(
+        "HTTP/1.1 400 Bad Request\r\n\r\n", f"socks5h://{PROXY_IN}:{DANTE_PORT}",
+        rf"the proxy {re.escape(f'socks5h://{PROXY_IN}:{DANTE_PORT}')} does not speak SOCKS5: .*",
+        password=None,
+    ),
+    "a proxy that hangs up at once": Failure(
+        "close", f"http://{PROXY_IN}:{SQUID_PORT}",
+        rf"the proxy {SHOWN_SQUID} closed the connection during its handshake",
+        password=None,
+    ),
+    "a proxy that never answers": Failure(
+        "", f"http://{PROXY_IN}:{SQUID_PORT}",
+        rf"cannot connect to TCP {SERVER_NAME}/{TUNNEL_PORT} through the proxy {SHOWN_SQUID}: "
+        r"no answer in 1 s",
+        password=None,
+        flags=("--connect-timeout", "1"),
+    ),
+    "socks5, a name only the proxy knows": Failure(  # the client resolves for socks5
+        "dante", DANTE,
+        rf"{INSIDE_NAME}: TCP host (unknown|lookup failed): .*",
+        server=f"{INSIDE_NAME}/{TUNNEL_PORT}",
+        status=1,  # no resolver answers in the namespace: a temporary failure
+    ),
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def failing_proxy(kind: str, ns: Namespace) -> Iterator[None]:
+    if kind == "squid":
+        with run_squid(ns, users={USER: PASSWORD}):
+            yield
+    elif kind == "dante":
+        with run_dante(ns):
+            yield
+    elif kind == "none":
+        yield
+    else:
+        port = DANTE_PORT if "SOCKS5" in kind or kind.startswith("HTTP/") else SQUID_PORT
+        with impostor(ns, port, None if kind == "close" else kind.encode()):
+            yield
+
+
+@root
+@pytest.mark.needs("squid", "danted", "openssl")
+@pytest.mark.parametrize("case", FAILURES)
+def test_each_failure_of_the_proxy_has_its_own_line(
+    firewall: Firewall, spawn: Spawn, case: str
+) -> None:
+    failure = FAILURES[case]
+    password = [] if failure.password is None else [f"UDPTUNNEL_PROXY_PASSWORD={failure.password}"]
+    with failing_proxy(failure.proxy, firewall.proxy):
+        client = spawn(
+            [UDPTUNNEL, "-vv", *failure.flags, "--proxy", failure.url, "-c", failure.server,
+             "--udp-bind", f"127.0.0.1/{CLIENT_IN}", f"127.0.0.1/{CLIENT_APP}"],
+            prefix=[*firewall.client.prefix, "env", *password],
+        )  # fmt: skip
+        status = client.wait(30)
+    errors = [line for line in client.lines if line.startswith("udptunnel: ")]
+    assert (status, len(errors)) == (failure.status, 1), client.stderr
+    assert re.fullmatch(failure.line, errors[0].removeprefix("udptunnel: ")), errors[0]
+    assert "Traceback" not in client.stderr
+    assert PASSWORD not in client.stderr and "not the password" not in client.stderr
+
+
+def test_a_server_with_a_proxy_is_a_bad_command_line() -> None:
+    result = subprocess.run(
+        [UDPTUNNEL, "--proxy", "http://p:1", "-s", "6000", "127.0.0.1/5000"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (
+        2,
+        "udptunnel: --proxy is for a client (-c): a server makes no connections\n",
+    )
+
+
+def test_a_password_in_the_url_works_but_is_warned_about_and_never_shown() -> None:
+    result = subprocess.run(
+        [UDPTUNNEL, "-vv", "--connect-timeout", "0.2", "--proxy",
+         "http://alice:hunter2@127.0.0.1:1", "-c", "127.0.0.1/6000", "--udp-bind",
+         f"127.0.0.1/{free_port()}", "127.0.0.1/9"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    first, *_ = result.stderr.splitlines()
+    assert first.startswith("udptunnel: The proxy password is in the URL, where other users")
+    assert "hunter2" not in result.stderr and "alice" not in result.stderr

@@ -24,7 +24,7 @@ from .acceptance import Proof
 from .config import Address, ProxySettings
 from .errors import ConfigError, TunnelError, leaves, messages
 from .persist import STEADY_AFTER, Backoff
-from .proxy import connect_via
+from .proxy import ProxyFailure, connect_via
 from .session import Session
 from .sockets import Connections, Resolved, SockAddr, connect, resolve, show
 from .tls import Tls, is_alert
@@ -78,7 +78,7 @@ async def dial(
             stream, address = await _through(connections, server.proxy, addresses, label, within)
         secured = stream if tls is None else await tls.secure(stream, label.host)
     except TunnelError as exc:
-        if was_reset(exc):
+        if was_reset(exc) and not isinstance(exc, ProxyFailure):
             raise TunnelError(refused(str(exc), tls=tls is not None)) from exc
         raise
     return secured, address, Answer(tls=tls is not None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import string
 
 import trio
@@ -38,8 +39,13 @@ SOCKS5_REPLIES = {  # RFC 1928, section 6: what each failure code means
     7: "command not supported",
     8: "address type not supported",
 }
+HUNG_UP = {"Invalid proxy response", "Empty connect reply"}  # python-socks: nothing came
 SHOWN_ANSWER = 40  # characters of an answer in an unknown protocol shown in the error
 _TYPES = {"http": ProxyType.HTTP, "socks5": ProxyType.SOCKS5, "socks5h": ProxyType.SOCKS5}
+
+
+class ProxyFailure(TunnelError):
+    """The proxy's failure, not the server's: it says nothing of why a server would refuse."""
 
 
 async def connect_via(
@@ -53,7 +59,7 @@ async def connect_via(
         asked for.
 
     Raises:
-        TunnelError: the proxy cannot be reached, refused, or could not reach the server,
+        ProxyFailure: the proxy cannot be reached, refused, or could not reach the server,
             saying which and why.
     """
     assert label.host is not None  # a client always names its server
@@ -69,13 +75,13 @@ async def connect_via(
         password=proxy.password,
         rdns=proxy.resolves_names,
     )
-    failure = TunnelError(f"cannot connect to TCP {label} through the proxy {proxy}: no address")
+    failure = ProxyFailure(f"cannot connect to TCP {label} through the proxy {proxy}: no address")
     for target in targets:
         log.info("Connecting to %s/%d through the proxy %s", target[0], target[1], proxy)
         try:
             sock = await client.connect(target[0], target[1], timeout=math.inf)
-        except (ProxyError, ProxyConnectionError, ProxyTimeoutError) as exc:
-            failure = TunnelError(explain(exc, proxy, Address(str(target[0]), target[1])))
+        except (ProxyError, ProxyConnectionError, ProxyTimeoutError, OSError) as exc:
+            failure = ProxyFailure(explain(exc, proxy, Address(str(target[0]), target[1])))
             failure.__cause__ = exc
             continue
         return trio.SocketStream(sock), target
@@ -86,10 +92,14 @@ def explain(exc: Exception, proxy: ProxySettings, target: Address) -> str:
     """The line for a failure of ``proxy`` on the way to ``target``."""
     if isinstance(exc, ProxyConnectionError):
         cause = exc.__cause__
-        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        why = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(exc)
         return f"cannot connect to the proxy {proxy}: {why}"
     if isinstance(exc, ProxyTimeoutError):
         return f"the proxy {proxy} did not answer"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return f"the proxy {proxy} closed the connection during its handshake"
+    if isinstance(exc, OSError):
+        return f"the proxy {proxy} failed during its handshake: {os.strerror(exc.errno or 0)}"
     code = getattr(exc, "error_code", None)
     answer = str(exc)
     if proxy.scheme == "http" and code is not None:
@@ -104,7 +114,7 @@ def explain(exc: Exception, proxy: ProxySettings, target: Address) -> str:
             f"({proxy.scheme}://USER@{proxy.host}:{proxy.port}) and the password in "
             "--proxy-password-file or UDPTUNNEL_PROXY_PASSWORD"
         )
-    if not answer or "Incomplete" in type(exc.__cause__).__name__:
+    if not answer or answer in HUNG_UP or "Incomplete" in type(exc.__cause__).__name__:
         return f"the proxy {proxy} closed the connection during its handshake"
     speaks = "HTTP CONNECT" if proxy.scheme == "http" else "SOCKS5"
     return f"the proxy {proxy} does not speak {speaks}: {_printable(answer)}"
