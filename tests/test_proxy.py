@@ -577,16 +577,14 @@ FAILURES = {
 
 @contextlib.contextmanager
 def failing_proxy(kind: str, ns: Namespace) -> Iterator[None]:
-    if kind == "squid":
-        with run_squid(ns, users={USER: PASSWORD}):
-            yield
-    elif kind == "dante":
-        with run_dante(ns):
+    """squid or dante as for the crossing tests, nothing at all, or an impostor."""
+    if kind in ("squid", "dante"):
+        with proxy_running(kind, ns):
             yield
     elif kind == "none":
         yield
     else:
-        port = DANTE_PORT if "SOCKS5" in kind or kind.startswith("HTTP/") else SQUID_PORT
+        port = DANTE_PORT if kind.startswith("HTTP/") else SQUID_PORT
         with impostor(ns, port, None if kind == "close" else kind.encode()):
             yield
 
