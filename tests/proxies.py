@@ -28,9 +28,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .conftest import Process
 from .netns import Namespace, Network, wait_until
+
+if TYPE_CHECKING:  # conftest needs pytest, which the benchmark (contrib/bench) may lack
+    from .conftest import Process
 
 CLIENT, PROXY_IN, PROXY_OUT, SERVER = "198.18.40.2", "198.18.40.1", "198.18.41.1", "198.18.41.2"
 SERVER_NAME = "gw.example.org"  # resolves everywhere
@@ -90,6 +93,8 @@ def _listening(ns: Namespace, port: int) -> bool:
 @contextlib.contextmanager
 def _serving(argv: list[str], ns: Namespace, port: int) -> Iterator[Process]:
     """Start a proxy in ``ns``; once it listens on ``port``, yield it; stop it at the end."""
+    from .conftest import Process  # here, not above: see the TYPE_CHECKING import
+
     process = Process(argv, prefix=ns.prefix)
     try:
 
@@ -119,6 +124,25 @@ def run_squid(
     """squid on the proxy's host, port 3128, allowing CONNECT to ``ports`` alone (as its
     default allows 443 alone); with ``users``, only to them (Basic authentication, an
     htpasswd file made here)."""
+    with (
+        squid_command(PROXY_IN, users=users, ports=ports) as argv,
+        _serving(argv, ns, SQUID_PORT) as process,
+    ):
+        yield process
+
+
+@contextlib.contextmanager
+def squid_command(
+    listen: str,
+    *,
+    users: dict[str, str] | None = None,
+    ports: tuple[int, ...] = (TUNNEL_PORT,),
+    outgoing: str | None = None,
+) -> Iterator[list[str]]:
+    """squid's configuration, as ``run_squid`` describes it, listening on ``listen`` port
+    3128 and connecting from ``outgoing`` if given; yields the command line that runs squid
+    in the foreground, logging to standard error. The files are removed at the end. The
+    benchmark (contrib/bench) starts squid with it too."""
     with _workdir() as work:
         allowed = " ".join(map(str, ports))
         rules = [f"acl tunnel_port port {allowed}", "http_access deny CONNECT !tunnel_port"]
@@ -133,10 +157,12 @@ def run_squid(
             ]
         else:
             rules.append("http_access allow all")
+        if outgoing is not None:
+            rules.append(f"tcp_outgoing_address {outgoing}")
         (work / "squid.conf").write_text(
             "\n".join(
                 [
-                    f"http_port {PROXY_IN}:{SQUID_PORT}",
+                    f"http_port {listen}:{SQUID_PORT}",
                     "pid_filename none",
                     "cache_log stdio:/dev/stderr",
                     "access_log none",
@@ -152,8 +178,7 @@ def run_squid(
                 ]
             )
         )
-        with _serving(["squid", "-N", "-d1", "-f", str(work / "squid.conf")], ns, SQUID_PORT) as p:
-            yield p
+        yield ["squid", "-N", "-d1", "-f", str(work / "squid.conf")]
 
 
 def _md5_crypt(password: str) -> str:

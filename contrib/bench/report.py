@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SUBJECT_ORDER = ("kernel", "original", "ours")
+PROXIED = "ours+squid"  # ours, its client's TCP through squid (HTTP CONNECT)
+SUBJECT_ORDER = ("kernel", "original", "ours", PROXIED)
 MB = 1_000_000  # bytes: "60 MB" in the issue is decimal
 CAPACITY_FOR = {64: "capacity-64", 1400: "capacity-1400"}  # overload size -> its capacity
 SHORT = 0.99  # a recovery window with fewer of its steady datagrams than this: some missing
@@ -51,14 +52,15 @@ def header(info: dict[str, Any], quick: bool, pin: str) -> str:
 
 
 COLUMNS = (
-    f"{'subject':9}{'offered/s':>10}{'deliv/s':>10}{'Mbit/s':>8}{'loss%':>7}"
+    f"{'subject':11}{'offered/s':>10}{'deliv/s':>10}{'Mbit/s':>8}{'loss%':>7}"
     f"{'p50':>8}{'p99':>8}{'max':>8}{'srv':>7}{'cli':>7}{'both':>7}{'load':>7}  notes"
 )
 LEGEND = (
     "Rates are datagrams/s (both directions added up), Mbit/s counts UDP payload, latency is\n"
     "one-way in ms (p50/p99/max), srv/cli/both are tunnel CPU us per delivered datagram\n"
     "(server end in tunA, client end in tunB), load the same for udpload (generator + sink).\n"
-    "Capacity (closed loop, at most 64 datagrams in flight) is one-way, appA to appB."
+    "Capacity (closed loop, at most 64 datagrams in flight) is one-way, appA to appB.\n"
+    f"{PROXIED}: ours with its client through squid in tunB; squid's CPU is in the notes."
 )
 
 
@@ -70,7 +72,7 @@ def table(results: dict[str, Any]) -> str:
         for subject in SUBJECT_ORDER:
             case = entry["subjects"].get(subject)
             if case and not measured(case):
-                lines.append(f"  {subject:9}failed: {case['error'][:150]}")
+                lines.append(f"  {subject:11}failed: {case['error'][:150]}")
             elif case:
                 lines.append(row(subject, case, notes(name, entry, subject, results)))
     if results["sweep"]:
@@ -87,14 +89,14 @@ def table(results: dict[str, Any]) -> str:
                         f"{int(rate) // 1000}k {fmt_ms(total['p99_ms'])} ({delivered:.0f}%)"
                     )
             if cells:
-                lines.append(f"  {subject:9}" + "  ".join(cells))
+                lines.append(f"  {subject:11}" + "  ".join(cells))
     return "\n".join(lines)
 
 
 def row(subject: str, case: Case, note: str) -> str:
     total, cpu = case["total"], case["cpu_us_per_datagram"]
     return (
-        f"  {subject:9}{total['offered_per_s']:>8,.0f}{total['delivered_per_s']:>10,.0f}"
+        f"  {subject:11}{total['offered_per_s']:>8,.0f}{total['delivered_per_s']:>10,.0f}"
         f"{total['mbit_per_s']:>8.1f}{total['loss_pct']:>7.2f}"
         f"{fmt_ms(total['p50_ms']):>8}{fmt_ms(total['p99_ms']):>8}{fmt_ms(total['max_ms']):>8}"
         f"{fmt_us(cpu.get('server')):>7}{fmt_us(cpu.get('client')):>7}"
@@ -128,6 +130,8 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
             parts.append(f"median of {each}")
     if kind == "plain" and subject == "ours":
         parts.append(versus_original(case, entry["subjects"].get("original")))
+    if subject == PROXIED:
+        parts.append(versus_direct(case, entry["subjects"].get("ours"), kind))
     if kind == "overload":
         size = entry["flows"][0]["size"]
         capacity = rate(results, CAPACITY_FOR.get(size, ""), subject)
@@ -176,6 +180,22 @@ def versus_original(case: Case, original: Case | None) -> str:
         parts.append(f"CPU {cpu / theirs:.1f}x original")
     if p50 and their_p50:
         parts.append(f"p50 {p50 / their_p50:.2f}x")
+    return ", ".join(parts)
+
+
+def versus_direct(case: Case, direct: Case | None, kind: str) -> str:
+    """Through squid against ours without it: squid's own CPU per datagram, and what the
+    detour costs (capacity as a share of the direct path's, or the added median latency)."""
+    parts = [f"squid {fmt_us(case['cpu_us_per_datagram'].get('proxy'))} us/datagram"]
+    if measured(direct):
+        assert direct is not None
+        mine, theirs = case["total"], direct["total"]
+        if kind == "capacity" and theirs["delivered_per_s"]:
+            share = mine["delivered_per_s"] / theirs["delivered_per_s"]
+            parts.append(f"{100 * share:.0f}% of ours")
+        elif mine["p50_ms"] is not None and theirs["p50_ms"] is not None:
+            added = 1000 * (mine["p50_ms"] - theirs["p50_ms"])
+            parts.append(f"p50 {added:+.0f} us against ours")
     return ", ".join(parts)
 
 

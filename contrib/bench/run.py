@@ -6,7 +6,9 @@ and drives each subject through the same scenarios, in the same run:
 - ``kernel``: no tunnel; tunA and tunB forward IP between the applications (the ceiling);
 - ``original``: /usr/bin/udptunnel, server in tunA and client in tunB;
 - ``ours``: this repository's udptunnel (the virtual environment's console script), the same
-  command lines.
+  command lines;
+- ``ours+squid``: ours, its client's TCP through squid (HTTP CONNECT, Basic authentication)
+  in tunB, in the scenarios made for it, beside ``ours`` without a proxy.
 
 The load comes from ``udpload`` (udpload.c beside this file, built here with gcc), one
 process per application host. Each case gets fresh tunnel processes. Results: a table on
@@ -45,6 +47,7 @@ import report  # noqa: E402
 from tests.netns import (  # noqa: E402
     APP_A,
     APP_B,
+    PREFIX_LEN,
     TUN_A_LAN,
     TUN_A_WAN,
     TUN_B_LAN,
@@ -53,6 +56,7 @@ from tests.netns import (  # noqa: E402
     Namespace,
     open_chain,
 )
+from tests.proxies import SQUID_PORT, squid_command  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUILD = REPO / "build" / "bench"
@@ -60,11 +64,16 @@ UDPLOAD_SOURCE = HERE / "udpload.c"
 UDPLOAD = BUILD / "udpload"
 OURS = str(Path(sys.executable).parent / "udptunnel")  # the console script, as users run it
 ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel
-SUBJECTS = ("kernel", "original", "ours")
+PROXIED = report.PROXIED  # ours, its client through squid
+SUBJECTS = ("kernel", "original", "ours", PROXIED)
 
 TCP_PORT = 6000
 PORT_A = 5000  # appA's port; tunA's end receives on it and sends to appA on it
 PORT_B = 5002  # the same for appB and tunB
+# squid runs in tunB, the client's host: it listens on the LAN side and connects to tunA from
+# an address of its own on the WAN side, so the server sees where the connection came from.
+SQUID_OUT = "198.18.2.3"
+PROXY_USER, PROXY_PASSWORD = "bench", "bench proxy password"  # squid's Basic authentication
 WAIT = 10.0  # seconds: the most any one expected event may take (a start, a line of output)
 START_DELAY_NS = 100_000_000  # from "go" to the first datagram: every sender is waiting
 FREEZE_NS = 200_000_000  # how long the server tunnel is stopped in the freeze scenario
@@ -122,6 +131,15 @@ class Scenario:
     rounds: int = 1
     flow_mode: bool = False  # our tunnel ends run with --flows (the original cannot)
     tls: bool = False  # our tunnel ends run with TLS: ours only, next to the plain scenario
+    proxied: bool = False  # ours+squid runs too: our client through squid, beside ours
+
+    def runs(self, subject: str) -> bool:
+        """Whether ``subject`` has a row in this scenario."""
+        if subject == PROXIED:
+            return self.proxied
+        if self.tunnels_only and subject == "kernel":
+            return False
+        return not (self.ours_only and subject != "ours")
 
 
 A_B, B_A = "A", "B"
@@ -211,29 +229,43 @@ SCENARIOS.append(
         flow_mode=True,
     )
 )
-SCENARIOS += [
-    Scenario(
-        "tls-capacity-1400",
-        "closed loop, 64 in flight, 1400 B, over TLS 1.3 (ours only)",
-        (Flow(A_B, 1400, window=64),),
-        10,
-        2,
-        kind="capacity",
-        tls=True,
-        tunnels_only=True,
-        ours_only=True,
-    ),
-    Scenario(
-        "tls-paced-1200",
-        "1200 B at 1,000/s, over TLS 1.3 (ours only)",
-        (Flow(A_B, 1200, rate=1000),),
-        10,
-        2,
-        tls=True,
-        tunnels_only=True,
-        ours_only=True,
-    ),
-]
+
+
+def variant(
+    prefix: str, what: str, *, rounds: int = 1, tls: bool = False, proxied: bool = False
+) -> list[Scenario]:
+    """capacity-1400 and paced-1200 again for a variant of ours (over TLS, through a proxy):
+    ``prefix``-capacity-1400 (``rounds`` of it) and ``prefix``-paced-1200."""
+    return [
+        Scenario(
+            f"{prefix}-capacity-1400",
+            f"closed loop, 64 in flight, 1400 B, {what}",
+            (Flow(A_B, 1400, window=64),),
+            10,
+            2,
+            kind="capacity",
+            rounds=rounds,
+            tunnels_only=True,
+            ours_only=True,
+            tls=tls,
+            proxied=proxied,
+        ),
+        Scenario(
+            f"{prefix}-paced-1200",
+            f"1200 B at 1,000/s, {what}",
+            (Flow(A_B, 1200, rate=1000),),
+            10,
+            2,
+            tunnels_only=True,
+            ours_only=True,
+            tls=tls,
+            proxied=proxied,
+        ),
+    ]
+
+
+SCENARIOS += variant("tls", "over TLS 1.3 (ours only)", tls=True)
+SCENARIOS += variant("proxy", "ours direct and through squid", rounds=CAPACITY_ROUNDS, proxied=True)
 SWEEP = Scenario("sweep", "200 B paced at rising rates (the plot)", (), 5, 1, kind="sweep")
 NAMES = [s.name for s in SCENARIOS] + [SWEEP.name]
 
@@ -439,6 +471,8 @@ def open_bench_chain() -> Iterator[Chain]:
         chain.tun_b.ip("route", "add", APP_A.rsplit(".", 1)[0] + ".0/24", "via", TUN_A_WAN)
         for ns in (chain.app_a, chain.app_b):
             ns.sysctl("net.unix.max_dgram_qlen", UNIX_QUEUE)
+        # squid's, after TUN_B_WAN: direct connections still come from TUN_B_WAN.
+        chain.tun_b.ip("addr", "add", f"{SQUID_OUT}/{PREFIX_LEN}", "dev", f"to-{chain.tun_a.role}")
         yield chain
 
 
@@ -446,6 +480,30 @@ def open_bench_chain() -> Iterator[Chain]:
 class Tunnels:
     server: Child
     client: Child
+
+
+def start_squid(
+    children: Children, stack: contextlib.ExitStack, chain: Chain, tmp: Path
+) -> tuple[Child, list[str]]:
+    """squid in tunB (tests/proxies.py's configuration: Basic authentication, CONNECT to the
+    tunnel's port alone), listening on tunB's LAN address, once it accepts; and the client's
+    options to go through it (the password in a file, as users should give it).
+
+    ``children`` kills squid by its PID if the case fails before stopping it; squid's
+    authentication helpers end when their pipe from it closes.
+    """
+    argv = stack.enter_context(
+        squid_command(
+            TUN_B_LAN, users={PROXY_USER: PROXY_PASSWORD}, ports=(TCP_PORT,), outgoing=SQUID_OUT
+        )
+    )
+    squid = children.spawn([*chain.tun_b.prefix, *argv], read="stderr")
+    squid.wait_for(rf"Accepting HTTP Socket connections at .*{re.escape(TUN_B_LAN)}:{SQUID_PORT}")
+    password = tmp / "proxy-password"
+    password.write_text(PROXY_PASSWORD + "\n")
+    password.chmod(0o600)
+    url = f"http://{PROXY_USER}@{TUN_B_LAN}:{SQUID_PORT}"
+    return squid, ["--proxy", url, "--proxy-password-file", str(password)]
 
 
 def start_tunnels(
@@ -456,6 +514,7 @@ def start_tunnels(
     *,
     flows: bool = False,
     tls: Path | None = None,
+    proxy: Sequence[str] = (),
 ) -> Tunnels:
     """Server end in tunA, client end in tunB, as in tests/test_netns.py; ready to relay.
 
@@ -464,7 +523,9 @@ def start_tunnels(
     With ``flows`` (ours only), both ends run in flow mode: the client receives on tunB's
     port, and connects once per source when the traffic starts. With ``tls`` (a directory
     from ``make_certificates``, ours only), the connection is TLS 1.3 with mutual
-    authentication.
+    authentication. With ``proxy`` (options from ``start_squid``, ours only), the client
+    connects through squid, and the server must see the connection come from squid's
+    address: nothing went around the proxy.
     """
     mode = ["--flows"] if flows else []
     server_tls, client_tls = [], []
@@ -486,6 +547,7 @@ def start_tunnels(
             "-v",
             *([*mode, "--udp-bind", f"{TUN_B_LAN}/{PORT_B}"] if flows else []),
             *client_tls,
+            *proxy,
             "-c",
             f"{TUN_A_WAN}/{TCP_PORT}",
             f"{APP_B}/{PORT_B}",
@@ -495,8 +557,10 @@ def start_tunnels(
     if flows:
         client.wait_for(rf"Receiving flows on UDP {re.escape(TUN_B_LAN)}/{PORT_B}$")
         return Tunnels(server, client)
-    client.wait_for(rf"Connected TCP to {re.escape(TUN_A_WAN)}/{TCP_PORT}$")
-    server.wait_for(rf"TCP connection from {re.escape(TUN_B_WAN)}/\d+$")
+    via = r" through the proxy \S+" if proxy else ""
+    client.wait_for(rf"Connected TCP to {re.escape(TUN_A_WAN)}/{TCP_PORT}{via}$")
+    peer = SQUID_OUT if proxy else TUN_B_WAN
+    server.wait_for(rf"TCP connection from {re.escape(peer)}/\d+$")
     chain.tun_a.wait_udp_bound(PORT_A, WAIT)
     chain.tun_b.wait_udp_bound(PORT_B, WAIT)
     return Tunnels(server, client)
@@ -667,21 +731,27 @@ def run_case(
     case: dict[str, Any] = {"seconds": seconds}
     with contextlib.ExitStack() as stack:
         children = stack.enter_context(Children())
-        tunnels = None
+        tunnels = squid = None
         if subject == "kernel":
             stack.enter_context(forwarding(chain))
         else:
             program = ORIGINAL if subject == "original" else OURS
             flow_mode = scenario.flow_mode and subject == "ours"
             tls = make_certificates(options.tmp) if scenario.tls else None
+            proxy: list[str] = []
+            if subject == PROXIED:
+                squid, proxy = start_squid(children, stack, chain, options.tmp)
             pin = options.pin_tunnel()
-            tunnels = start_tunnels(children, chain, program, pin, flows=flow_mode, tls=tls)
+            tunnels = start_tunnels(
+                children, chain, program, pin, flows=flow_mode, tls=tls, proxy=proxy
+            )
         loads = start_load(children, chain, subject, flows, seconds, options, tag)
         errors_before = udp_errors(chain)
 
         go = time.monotonic_ns() + START_DELAY_NS
         ends = {"server": tunnels.server, "client": tunnels.client} if tunnels else {}
         cpu_before = {role: cpu_ns(end.pid) for role, end in ends.items()}
+        squid_before = cpu_ns(squid.pid) if squid else 0
         for load in loads:
             load.child.send(f"go {go}")
         case["events"] = drive(scenario, loads, tunnels, go, seconds, options, case)
@@ -700,6 +770,8 @@ def run_case(
                 "cpu_ns": cpu_ns(end.pid) - cpu_before[role],
                 **memory_kb(end.pid),
             }
+        if squid:  # what squid's relaying cost, beside the tunnel ends
+            case["proxy"] = {"cpu_ns": cpu_ns(squid.pid) - squid_before, **memory_kb(squid.pid)}
         errors_after = udp_errors(chain)
         for role, end in ends.items():
             status = end.stop()
@@ -708,6 +780,8 @@ def run_case(
             case["tunnel"][role].update(
                 exit=status, dropped=reported_drops(lines), log_tail=lines[-3:], flows=opened
             )
+        if squid:
+            case["proxy"]["exit"] = squid.stop()
     case["kernel_drops"] = {ns: errors_after[ns] - errors_before[ns] for ns in errors_after}
     case["load"] = {
         load.app: {
@@ -824,8 +898,11 @@ def analyse(case: dict[str, Any], flows: Sequence[Flow], loads: list[Load]) -> N
         **{role: per_datagram(ns) for role, ns in tunnel_cpu.items()},
         "both": per_datagram(sum(tunnel_cpu.values())) if tunnel_cpu else None,
         "load": per_datagram(load_cpu),
+        **({"proxy": per_datagram(case["proxy"]["cpu_ns"])} if "proxy" in case else {}),
     }
     case["cpu_s"] = {**{r: ns / 1e9 for r, ns in tunnel_cpu.items()}, "load": load_cpu / 1e9}
+    if "proxy" in case:
+        case["cpu_s"]["proxy"] = case["proxy"]["cpu_ns"] / 1e9
 
 
 # --- the whole run ----------------------------------------------------------------------------
@@ -895,12 +972,7 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
             entry = {"title": scenario.title, "kind": scenario.kind, "subjects": {}}
             entry["flows"] = [asdict(flow) for flow in scenario.flows]
             results["scenarios"][scenario.name] = entry
-            subjects = [
-                s
-                for s in options.subjects
-                if not (scenario.tunnels_only and s == "kernel")
-                and not (scenario.ours_only and s != "ours")
-            ]
+            subjects = [s for s in options.subjects if scenario.runs(s)]
             rounds: dict[str, list[dict[str, Any]]] = {subject: [] for subject in subjects}
             for number in range(scenario.rounds):
                 label = scenario.name + (f" #{number + 1}" if scenario.rounds > 1 else "")
@@ -913,7 +985,7 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
             for rate in SWEEP_RATES:
                 flows = (Flow(A_B, 200, rate=rate),)
                 point = results["sweep"].setdefault(str(rate), {})
-                for subject in options.subjects:
+                for subject in filter(SWEEP.runs, options.subjects):
                     case = attempt(chain, subject, SWEEP, flows, options, f"sweep {rate}/s")
                     for stats in case.get("flows", {}).values():
                         stats.pop("series")  # the plot needs the totals only
@@ -932,7 +1004,7 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
     "--subjects",
     default=",".join(SUBJECTS),
     show_default=True,
-    help="Which of kernel, original, ours to measure.",
+    help=f"Which of {', '.join(SUBJECTS)} to measure ({PROXIED}: in proxy-* scenarios).",
 )
 @click.option(
     "--duration",
@@ -981,6 +1053,9 @@ def main(
         raise click.ClickException("needs root and iproute2 (it builds network namespaces)")
     if "original" in chosen_subjects and not os.access(ORIGINAL, os.X_OK):
         raise click.ClickException(f"needs Debian's udptunnel at {ORIGINAL}, or --subjects")
+    proxied = any(s.proxied for s in SCENARIOS if s.name in names)
+    if proxied and PROXIED in chosen_subjects and shutil.which("squid") is None:
+        raise click.ClickException(f"{PROXIED} needs squid (Debian's package), or --subjects")
     build_udpload()
     started = time.monotonic()
     info = machine()
