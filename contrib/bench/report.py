@@ -35,7 +35,7 @@ def fmt_us(value: float | None) -> str:
 def progress(name: str, subject: str, case: Case, elapsed: float) -> None:
     total = case["total"]
     print(
-        f"  {name:16} {subject:8} {total['delivered_per_s']:>10,.0f}/s  "
+        f"  {name:22} {subject:10} {total['delivered_per_s']:>10,.0f}/s  "
         f"loss {total['loss_pct']:6.2f}%  p99 {fmt_ms(total['p99_ms']):>7} ms  "
         f"({elapsed:.1f} s)",
         file=sys.stderr,

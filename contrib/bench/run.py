@@ -942,7 +942,7 @@ def attempt(
     try:
         case = run_case(chain, subject, scenario, flows, options)
     except Exception as exc:  # any failure of one case: a tunnel that died, a timeout
-        print(f"  {label:16} {subject:8} FAILED: {exc}", file=sys.stderr, flush=True)
+        print(f"  {label:22} {subject:10} FAILED: {exc}", file=sys.stderr, flush=True)
         return {"error": str(exc)}
     report.progress(label, subject, case, time.monotonic() - started)
     return case
