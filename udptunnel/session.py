@@ -16,7 +16,7 @@ from functools import partial
 import trio
 
 from .counters import Counters
-from .errors import TunnelError, messages
+from .errors import TunnelError, leaves, messages
 from .persist import end_when_idle
 from .relay import Proof, discard, run_relay, run_then
 from .sockets import UdpEnd, peer
@@ -81,10 +81,12 @@ class Session:
                 await self._run_relays(streams, proofs)
                 nursery.cancel_scope.cancel(reason="the tunnel ended")
         except* TunnelError as group:
+            # One break, seen by each port pair at once (a refused RTP client's two
+            # connections): the first relay to see it says what it was.
+            first = next(leaves(group))
             if not self.persist:
-                raise
-            for message in messages(group):
-                log.warning("Tunnel lost: %s", message)
+                raise first from first.__cause__
+            log.warning("Tunnel lost: %s", next(messages(group)))
             ended = "lost"
         return ended
 

@@ -38,6 +38,9 @@ _ALERT = re.compile(rb"\x15\x03[\x00-\x04]\x00\x02")
 # alert in clear, which tells a plain udptunnel client that the server speaks TLS.
 NOT_TLS_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"
 ALERT_GRACE = 1.0  # seconds to send the alert that says why a handshake failed
+# OpenSSL's reasons for a key that is not the certificate's: another key of its type, or a
+# key of another type (RSA for an EC certificate), which fills no certificate's slot.
+_NOT_ITS_KEY = {"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"}
 _ALERT_NAME = re.compile(r"(?:SSLV3|TLSV1|TLSV13)_ALERT_(\w+)")  # OpenSSL's reason for one
 _CERTIFICATE_ALERTS = {  # the alerts that refuse a certificate, in their RFC 8446 words
     "BAD_CERTIFICATE",
@@ -117,9 +120,21 @@ def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
     try:
         context.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:
-        raise ConfigError(
-            f"{cert}, {key}: not a TLS certificate and its private key ({exc.reason})"
-        ) from exc
+        raise ConfigError(_which_is_wrong(cert, key, exc)) from exc
+
+
+def _which_is_wrong(cert: Path, key: Path, exc: ssl.SSLError) -> str:
+    """Which of the two files ``load_cert_chain`` refused, and why, in words: OpenSSL says
+    neither (``PEM lib``, with no reason), so the certificate is tried on its own."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except ssl.SSLError:
+        return f"{cert}: not a TLS certificate (PEM)"
+    if exc.reason is None:
+        return f"{key}: not a private key (PEM)"
+    if exc.reason in _NOT_ITS_KEY:
+        return f"{key}: not the key of {cert}"
+    return f"{cert}, {key}: {exc.reason.lower().replace('_', ' ')}"
 
 
 def _no_password() -> str:
@@ -134,7 +149,7 @@ def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
     try:
         context.load_verify_locations(cafile=ca)
     except ssl.SSLError as exc:
-        raise ConfigError(f"{ca}: no CA certificate in it ({exc.reason})") from exc
+        raise ConfigError(f"{ca}: no CA certificate in it") from exc
 
 
 def _check_readable(path: Path, what: str) -> None:
