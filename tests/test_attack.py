@@ -172,12 +172,6 @@ def other_service() -> Iterator[NotUdptunnel]:
     service.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a server that sends no whole frame and closes looks like a peer closing: the "
-    "client logs 'closed inside a frame' at -v only and exits 0; telling it apart needs a "
-    "way for the relay to ask the client's Answer, and a DIAGNOSTICS line",
-)
 def test_a_client_at_another_service_is_told_and_exits_1(
     spawn: Spawn, other_service: NotUdptunnel
 ) -> None:

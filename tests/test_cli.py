@@ -101,7 +101,7 @@ BAD_INPUT = [
     (["-s", "6000", "::1:25000"], "an IPv6 address with a port is [::1]:5000 or ::1/5000"),
     (["-s", "6000", "127.0.0.1//5000"], "empty field"),
     (["-s", "6000", "--max-delay", "0", "127.0.0.1/5000"], "0 is not in the range 1<=x<=60000"),
-    (["-s", "6000", "--max-delay", "5ms", "127.0.0.1/5000"], "'5ms' is not a valid integer"),
+    (["-s", "6000", "--max-delay", "5ms", "127.0.0.1/5000"], "'5ms' is not a valid whole number"),
 ]
 
 

@@ -154,6 +154,11 @@ class Proof:
         """What a failure before the first whole frame means: to a server, what it says."""
         return None
 
+    def cut_short(self) -> str | None:
+        """A client that ended inside its first frame: to a server, a connection that
+        ended, as the original's clients may."""
+        return None
+
 
 class Unproven:
     """Connections that have not yet proved themselves, oldest first. Past the limit, the

@@ -80,6 +80,15 @@ def _option(*names: str, env: str, **attributes: Any) -> Callable[[F], F]:
     return click.option(*names, envvar=ENV + env, show_envvar=True, **attributes)
 
 
+class _Whole(click.IntRange):
+    """A whole number of some unit in a range, named in the error (click says "integer
+    range", which reads as if a range were expected)."""
+
+    def __init__(self, low: int, high: int, unit: str = "") -> None:
+        super().__init__(low, high)
+        self.name = f"whole number{f' of {unit}' if unit else ''}"
+
+
 class _Seconds(click.FloatRange):
     """A number of seconds in a range; never NaN, which every range test lets through."""
 
@@ -106,7 +115,7 @@ def _seconds(
 def _limit(name: str, default: int, text: str) -> Callable[[F], F]:
     """An option counting things at once, 1 to 100,000."""
     env = _env_name(name)
-    kind = click.IntRange(1, 100_000)
+    kind = _Whole(1, 100_000)
     return _option(
         name, env=env, type=kind, default=default, show_default=True, metavar="N", help=text
     )
@@ -165,7 +174,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
     "--max-delay",
     "max_delay_ms",
     env="MAX_DELAY",
-    type=click.IntRange(1, 60_000),
+    type=_Whole(1, 60_000, "milliseconds"),
     default=round(DEFAULT_MAX_DELAY * 1000),
     show_default=True,
     metavar="MS",
@@ -195,7 +204,7 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 )
 @_seconds(
     "--keepalive",
-    click.IntRange(1, 86_400),
+    _Whole(1, 86_400, "seconds"),
     None,
     "Probe a silent peer after SECONDS, and end the tunnel if it has vanished, within about "
     "twice SECONDS.",
@@ -223,7 +232,8 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
 @_limit(
     "--max-flows",
     DEFAULT_MAX_FLOWS,
-    "In flow mode: at most N flows at once; further sources or connections are refused.",
+    "In flow mode: at most N flows at once; a new source or connection takes the slot of "
+    "the flow idle longest (a second or more), and is refused only when all are busy.",
 )
 @_seconds(
     "--flow-timeout",

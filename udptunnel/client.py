@@ -32,6 +32,7 @@ from .tls import Tls, is_alert
 log = logging.getLogger(__name__)
 
 REFUSAL_WINDOW = 3.0  # seconds: a server refuses within a round trip; later, a reset is a loss
+SHOWN_HEAD = 32  # bytes of what another kind of server sent, shown in the error
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,15 @@ class Answer(Proof):
         if self.head or trio.current_time() - self.since > REFUSAL_WINDOW:
             return None
         return refused(next(messages(failure)), tls=self.tls)  # one break, one line
+
+    def cut_short(self) -> str | None:
+        """The server ended the connection before its first whole frame, after bytes that
+        are not one: whatever answered, it is no tunnel end."""
+        shown = "".join(chr(c) if 32 <= c < 127 else "." for c in self.head[:SHOWN_HEAD])
+        return (
+            "the server closed the connection inside its first frame: is it udptunnel? "
+            f"It sent {shown!r}"
+        )
 
 
 def refused(failure: str, *, tls: bool) -> str:

@@ -133,6 +133,10 @@ class Proof(Protocol):
         """What a failure before the first whole frame means, if more than it says."""
         ...
 
+    def cut_short(self) -> str | None:
+        """What a connection that ended inside its first frame means, if it is a failure."""
+        ...
+
 
 async def run_then(stop: Callable[[], object], run: Callable[[], Awaitable[object]]) -> None:
     """Await ``run()``, then call ``stop()``: the first of several tasks to end ends them all."""
@@ -167,6 +171,8 @@ async def tcp_to_udp(
         sent, sent_bytes = await sender.send(frames)
         if busy:  # bytes sent per second of handling a full read, preemption included
             backlog.record(sent_bytes + HEADER.size * sent, time.monotonic() - started)
+    if decoder.pending and proof is not None and (why := proof.cut_short()) is not None:
+        raise TunnelError(why)  # not even one frame: no tunnel end at all
     log.info("TCP connection closed by the peer")
     if decoder.pending:
         log.info(

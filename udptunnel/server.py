@@ -117,7 +117,7 @@ class Server:
                         race.cancel_scope.cancel(reason="a client got in")
             finally:
                 if won and won[0][0] is not stream and not failed:
-                    refuse(stream, "tunnel busy (another client got in first)")
+                    refuse(stream)
                 elif not won or won[0][0] is not stream:
                     reset(stream)
 

@@ -393,7 +393,10 @@ async def accept(listener: trio.SocketListener) -> trio.SocketStream:
             backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
 
 
-def refuse(stream: trio.SocketStream, why: str = "tunnel busy") -> None:
+BUSY = "tunnel busy (another client got in first)"  # why a single tunnel refuses
+
+
+def refuse(stream: trio.SocketStream, why: str = BUSY) -> None:
     """Reset the connection at once, so that the client knows it was refused."""
     log.info("Refused TCP connection from %s: %s", peer(stream), why)
     reset(stream)
