@@ -48,8 +48,11 @@ _ports = random.Random()
 
 def missing(item: pytest.Item) -> str | None:
     """Why this machine cannot run the test, if it cannot."""
-    if item.get_closest_marker("root") and (os.geteuid() != 0 or shutil.which("ip") is None):
-        return "needs root and iproute2 for network namespaces"
+    if (root := item.get_closest_marker("root")) and (
+        os.geteuid() != 0 or shutil.which("ip") is None
+    ):
+        what = root.args[0] if root.args else "network namespaces (and iproute2)"
+        return f"needs root, for {what}"
     if item.get_closest_marker("original") and not os.access(ORIGINAL, os.X_OK):
         return f"needs Debian's udptunnel at {ORIGINAL} (apt-get install udptunnel)"
     for marker in item.iter_markers("needs"):

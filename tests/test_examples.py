@@ -595,7 +595,7 @@ def test_pipx_install(tmp_path: Path) -> None:
     assert not program.exists()
 
 
-@root
+@pytest.mark.root("a private mount namespace with an empty /usr/local")
 @pytest.mark.needs("make", "unshare", "mount")
 def test_make_install_for_a_service() -> None:
     """README's operator install, as written, with PREFIX left at /usr/local: in a mount

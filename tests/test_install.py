@@ -178,7 +178,7 @@ def test_the_environment_is_its_own(staged: Staged) -> None:
     assert not names & {"pip", "setuptools", "pytest", "hypothesis"}
 
 
-@pytest.mark.root
+@pytest.mark.root("a private mount namespace, the staged tree at its final path")
 @needs_namespace
 def test_the_staged_program_runs_at_its_final_path(staged: Staged, spawn: type[Process]) -> None:
     result = run_in_place(staged.destdir, ["udptunnel", "--version"])
@@ -238,7 +238,7 @@ def test_the_installed_manual_page_renders_without_warnings(staged: Staged) -> N
     assert "udptunnel - tunnel UDP datagrams both ways" in " ".join(result.stdout.split())
 
 
-@pytest.mark.root
+@pytest.mark.root("a private mount namespace, the staged tree at its final path")
 @needs_namespace
 @pytest.mark.needs("man")
 def test_man_finds_the_installed_page_by_the_programs_path(staged: Staged) -> None:
@@ -251,7 +251,7 @@ def test_man_finds_the_installed_page_by_the_programs_path(staged: Staged) -> No
     )
 
 
-@pytest.mark.root
+@pytest.mark.root("a private mount namespace, the staged tree at its final path")
 @needs_namespace
 @pytest.mark.needs("systemd-analyze")
 def test_the_installed_units_verify_cleanly(staged: Staged) -> None:
