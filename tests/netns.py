@@ -8,6 +8,12 @@ the benchmark::
 
     appA 198.18.1.2 -- 198.18.1.1 tunA 198.18.2.1 -- 198.18.2.2 tunB 198.18.3.1 -- 198.18.3.2 appB
 
+``open_chain(wan=True)`` puts a fifth host, ``wan``, in the middle of the WAN link: tunA and
+tunB keep their addresses and see each other as neighbours, and whatever carries frames
+between wan's two interfaces (contrib/bench/delayline.c, which holds each for a propagation
+delay) is the wire; ``set_wan_loss`` drops a random share of the packets each tunnel host
+receives from that wire (nftables, both directions).
+
 The tunnel's two ends run in tunA and tunB; the applications get hosts of their own, because
 the original udptunnel binds the wildcard address and would hear its own output on a shared
 host. The applications have a default route via their tunnel host; nothing forwards between
@@ -27,6 +33,7 @@ import ctypes
 import ipaddress
 import itertools
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -50,6 +57,10 @@ TUN_B_WAN = "198.18.2.2"
 TUN_B_LAN = "198.18.3.1"
 APP_B = "198.18.3.2"
 PREFIX_LEN = 24
+# The emulated WAN: wan's interfaces toward tunA and tunB, and the nftables table that drops.
+WAN_TO_A, WAN_TO_B = "to-tunA", "to-tunB"
+LOSS_TABLE = "wanloss"
+LOSS_SCALE = 1000  # loss is given in packets per thousand: `numgen random mod 1000`
 
 _serial = itertools.count()
 _libc: ctypes.CDLL | None = None
@@ -259,19 +270,72 @@ class Chain:
     tun_a: Namespace
     tun_b: Namespace
     app_b: Namespace
+    wan: Namespace | None = None  # the host in the middle of the WAN link, if asked for
+
+    @property
+    def wan_ifnames(self) -> tuple[str, str]:
+        """tunA's and tunB's interfaces on the WAN link."""
+        if self.wan:
+            return f"to-{self.wan.role}", f"to-{self.wan.role}"
+        return f"to-{self.tun_b.role}", f"to-{self.tun_a.role}"
 
 
 @contextlib.contextmanager
-def open_chain() -> Iterator[Chain]:
-    """Build the four-host chain of the module docstring; delete it all on exit."""
+def open_chain(*, wan: bool = False) -> Iterator[Chain]:
+    """Build the chain of the module docstring, with the wan host if asked; delete it all on
+    exit. Nothing carries frames across wan until a program (the delay line) does."""
     with Network() as network:
         app_a, tun_a, tun_b, app_b = (
             network.namespace(role) for role in ("appA", "tunA", "tunB", "appB")
         )
         net = f"/{PREFIX_LEN}"
         network.link(app_a, tun_a, [APP_A + net], [TUN_A_LAN + net])
-        network.link(tun_a, tun_b, [TUN_A_WAN + net], [TUN_B_WAN + net])
+        middle = None
+        if wan:
+            middle = network.namespace("wan")
+            for key in ("all", "default"):  # a wire: no addresses, no solicitations of its own
+                middle.sysctl(f"net.ipv6.conf.{key}.disable_ipv6", "1")
+            network.link(tun_a, middle, [TUN_A_WAN + net], [])
+            network.link(middle, tun_b, [], [TUN_B_WAN + net])
+            for ifname in (WAN_TO_A, WAN_TO_B):
+                middle.ip("link", "set", ifname, "promisc", "on")
+            # One TCP segment per frame, as on a real link, so that loss hits segments.
+            tun_a.ip("link", "set", "to-wan", "gso_max_segs", "1")
+            tun_b.ip("link", "set", "to-wan", "gso_max_segs", "1")
+        else:
+            network.link(tun_a, tun_b, [TUN_A_WAN + net], [TUN_B_WAN + net])
         network.link(tun_b, app_b, [TUN_B_LAN + net], [APP_B + net])
         app_a.ip("route", "add", "default", "via", TUN_A_LAN)
         app_b.ip("route", "add", "default", "via", TUN_B_LAN)
-        yield Chain(app_a, tun_a, tun_b, app_b)
+        yield Chain(app_a, tun_a, tun_b, app_b, middle)
+
+
+def set_wan_loss(chain: Chain, permille: int) -> None:
+    """Drop ``permille`` in 1000 of the IP packets tunA and tunB receive on the WAN link, at
+    random and each on its own (nftables ``numgen random``), replacing any earlier rule.
+
+    Dropped on arrival, not on departure: a packet that netfilter drops on its way out is an
+    error the sender's TCP sees at once, not a loss it must discover.
+    """
+    for ns, ifname in zip((chain.tun_a, chain.tun_b), chain.wan_ifnames, strict=True):
+        ns.run(
+            [
+                "nft",
+                f"add table inet {LOSS_TABLE}; delete table inet {LOSS_TABLE}; "
+                f"add table inet {LOSS_TABLE}; "
+                f"add chain inet {LOSS_TABLE} arrive "
+                "{ type filter hook prerouting priority -300; }; "
+                f'add rule inet {LOSS_TABLE} arrive iifname "{ifname}" '
+                f"numgen random mod {LOSS_SCALE} < {permille} counter drop",
+            ]
+        )
+
+
+def wan_drops(chain: Chain) -> dict[str, int]:
+    """Per tunnel host: the packets ``set_wan_loss``'s rule has dropped there so far."""
+    out = {}
+    for ns in (chain.tun_a, chain.tun_b):
+        listing = ns.run(["nft", "list", "table", "inet", LOSS_TABLE])
+        match = re.search(r"counter packets (\d+)", listing)
+        out[ns.role] = int(match.group(1)) if match else 0
+    return out
