@@ -141,6 +141,8 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
         parts.append(shares_text(case))
     if kind in ("burst", "freeze"):
         parts.append(recovery_text(case))
+    if kind == "wan":
+        parts.append(emulator_text(case))
     if kind == "steady":
         parts.append(drift_text(case))
     if kind == "flows" and subject != "kernel":
@@ -164,6 +166,18 @@ def notes(name: str, entry: dict[str, Any], subject: str, results: dict[str, Any
     if stalls:
         parts.append(f"{stalls} stalls")
     return "; ".join(part for part in parts if part)
+
+
+def emulator_text(case: Case) -> str:
+    """What the emulated WAN did: packets nftables dropped (each way, by the receiving host),
+    and how late the delay line let its frames go, at worst and for 99% of them."""
+    wan = case["wan"]
+    line = wan["delayline"].values()
+    dropped = wan["nft_dropped"]
+    text = f"wan dropped A>B {dropped.get('tunB', 0)}, B>A {dropped.get('tunA', 0)} packets"
+    text += f", line late p99 {max(d['late_p99_us'] for d in line):.0f} us"
+    own = sum(d["queue_full"] + d["too_big"] + d["send_errors"] for d in line)
+    return text + (f", line dropped {own}" if own else "")
 
 
 def versus_original(case: Case, original: Case | None) -> str:
@@ -268,6 +282,73 @@ def rss_text(case: Case) -> str:
                 f"(peak {peak / 1024:.1f})"
             )
     return "; ".join(parts)
+
+
+# --- the WAN scenarios (issue 13) -------------------------------------------------------------
+
+WAN_SUBJECTS = ("kernel", "original", "ours")
+
+
+def wan_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per WAN scenario and subject: the configured path and what went through it.
+
+    ``added_*``: latency over the configured one-way delay (half the RTT), what the subject
+    and the emulator's own wake-ups added to the path; the kernel's row shows the latter.
+    """
+    rows = []
+    for name, entry in results["scenarios"].items():
+        if entry["kind"] != "wan":
+            continue
+        for subject in WAN_SUBJECTS:
+            case = entry["subjects"].get(subject)
+            if not measured(case):
+                continue
+            assert case is not None
+            total, wan = case["total"], case["wan"]
+            rows.append(
+                {
+                    "scenario": name,
+                    "load": name.split("-")[1],
+                    "rtt_ms": wan["rtt_ms"],
+                    "wan_loss_pct": wan["loss_pct"],
+                    "subject": subject,
+                    "sent": total["sent"],
+                    "loss_pct": total["loss_pct"],
+                    **{k: total[k] for k in ("p50_ms", "p99_ms", "max_ms")},
+                    "added_p50_ms": total["added_p50_ms"],
+                    "added_p99_ms": total["added_p99_ms"],
+                    "unaccounted": total["unaccounted"],
+                }
+            )
+    return rows
+
+
+def wan_text(rows: list[dict[str, Any]]) -> str:
+    """The WAN table: per load, RTT and loss, each subject's loss, p50, p99 and added p99."""
+    cell = f"{'loss%':>6}{'p50':>7}{'p99':>7}{'+p99':>7}"
+    lines = [
+        "",
+        "WAN scenarios (issue 13): one-way latency in ms; +p99 is over the configured one-way",
+        "delay (RTT/2); loss% is of the datagrams sent; the WAN loss is each way, per packet.",
+        f"{'load':9}{'RTT':>4}{'loss':>5} |" + "|".join(f" {s:<26}" for s in WAN_SUBJECTS),
+        f"{'':18} |" + "|".join(f" {cell}" for _ in WAN_SUBJECTS),
+    ]
+    keys: dict[tuple[str, float, float], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        keys.setdefault((r["load"], r["rtt_ms"], r["wan_loss_pct"]), {})[r["subject"]] = r
+    for (load, rtt, loss), by_subject in keys.items():
+        cells = []
+        for subject in WAN_SUBJECTS:
+            r = by_subject.get(subject)
+            if r is None:
+                cells.append(f" {'-':>26}")
+                continue
+            cells.append(
+                f" {r['loss_pct']:>6.2f}{fmt_ms(r['p50_ms']):>7}{fmt_ms(r['p99_ms']):>7}"
+                f"{fmt_ms(r['added_p99_ms']):>7}"
+            )
+        lines.append(f"{load:9}{rtt:>4g}{loss:>5g} |" + "|".join(cells))
+    return "\n".join(lines)
 
 
 # --- targets ----------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ and drives each subject through the same scenarios, in the same run:
 - ``ours+squid``: ours, its client's TCP through squid (HTTP CONNECT, Basic authentication)
   in tunB, in the scenarios made for it, beside ``ours`` without a proxy.
 
+The ``wan-*`` scenarios put an emulated WAN between tunA and tunB: a fifth namespace, ``wan``,
+whose delay line (delayline.c beside this file, built like udpload) holds every frame for
+half the round-trip time, and nftables random loss at both tunnel hosts.
+
 The load comes from ``udpload`` (udpload.c beside this file, built here with gcc), one
 process per application host. Each case gets fresh tunnel processes. Results: a table on
 standard output, JSON (build/bench/results.json) and a plot of latency against offered load
@@ -19,6 +23,7 @@ standard output, JSON (build/bench/results.json) and a plot of latency against o
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import platform
@@ -52,16 +57,20 @@ from tests.netns import (  # noqa: E402
     TUN_A_WAN,
     TUN_B_LAN,
     TUN_B_WAN,
+    WAN_TO_A,
+    WAN_TO_B,
     Chain,
     Namespace,
     open_chain,
+    set_wan_loss,
+    wan_drops,
 )
 from tests.proxies import SQUID_PORT, squid_command  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUILD = REPO / "build" / "bench"
-UDPLOAD_SOURCE = HERE / "udpload.c"
 UDPLOAD = BUILD / "udpload"
+DELAYLINE = BUILD / "delayline"
 OURS = str(Path(sys.executable).parent / "udptunnel")  # the console script, as users run it
 ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel
 PROXIED = report.PROXIED  # ours, its client through squid
@@ -78,6 +87,9 @@ WAIT = 10.0  # seconds: the most any one expected event may take (a start, a lin
 START_DELAY_NS = 100_000_000  # from "go" to the first datagram: every sender is waiting
 FREEZE_NS = 200_000_000  # how long the server tunnel is stopped in the freeze scenario
 DRAIN_IDLE_MS = 300  # after sending, a sink stops once nothing came for this long
+# ... but over a lossy WAN a TCP stall lasts retransmission timeouts (200 ms and up, doubling
+# when a retransmission is lost too): what a tunnel delivers that late still counts.
+WAN_DRAIN_IDLE_MS = 3000
 DRAIN_MAX_MS = 5000  # ... or this long after sending ended at the latest
 SOCKET_BUFFER = 32 << 20  # bytes, SO_RCVBUF and SO_SNDBUF of the load sockets
 UNIX_QUEUE = "512"  # net.unix.max_dgram_qlen for the acknowledgements (default 10)
@@ -116,6 +128,23 @@ class Flow:
 
 
 @dataclass(frozen=True)
+class Wan:
+    """The emulated WAN between tunA and tunB: round-trip time, jitter and random loss."""
+
+    rtt_ms: float  # the delay line holds each frame half of this, each way
+    loss_pct: float  # of the packets, each way, dropped at random (nftables, per thousand)
+    jitter_ms: float = 0.0  # each frame's delay varies by this, uniform, order kept
+
+    @property
+    def one_way_ms(self) -> float:
+        return self.rtt_ms / 2
+
+    @property
+    def loss_permille(self) -> int:
+        return round(self.loss_pct * 10)
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     title: str
@@ -132,6 +161,11 @@ class Scenario:
     flow_mode: bool = False  # our tunnel ends run with --flows (the original cannot)
     tls: bool = False  # our tunnel ends run with TLS: ours only, next to the plain scenario
     proxied: bool = False  # ours+squid runs too: our client through squid, beside ours
+    wan: Wan | None = None  # run on the chain with the wan host, with this delay and loss
+
+    @property
+    def drain_idle_ms(self) -> int:
+        return WAN_DRAIN_IDLE_MS if self.wan else DRAIN_IDLE_MS
 
     def runs(self, subject: str) -> bool:
         """Whether ``subject`` has a row in this scenario."""
@@ -266,6 +300,29 @@ def variant(
 
 SCENARIOS += variant("tls", "over TLS 1.3 (ours only)", tls=True)
 SCENARIOS += variant("proxy", "ours direct and through squid", rounds=CAPACITY_ROUNDS, proxied=True)
+
+# Issue 13: real time over a WAN with delay and loss. wan-LOAD-rttR-lossL; LOAD is rtp50
+# (200 B at 50/s both ways) or paced200 (200 B at 1,000/s one way).
+WAN_RTTS_MS = (0, 20, 80)
+WAN_LOSSES_PCT = (0, 0.5, 1, 3)
+WAN_LOADS = {
+    "rtp50": ("200 B at 50/s both ways", (Flow(A_B, 200, rate=50), Flow(B_A, 200, rate=50))),
+    "paced200": ("200 B at 1,000/s", (Flow(A_B, 200, rate=1000),)),
+}
+SCENARIOS += [
+    Scenario(
+        f"wan-{load}-rtt{rtt}-loss{loss:g}",
+        f"{what}, WAN of {rtt} ms RTT and {loss:g}% loss each way",
+        flows,
+        10,
+        2,
+        kind="wan",
+        wan=Wan(rtt, loss),
+    )
+    for load, (what, flows) in WAN_LOADS.items()
+    for rtt in WAN_RTTS_MS
+    for loss in WAN_LOSSES_PCT
+]
 SWEEP = Scenario("sweep", "200 B paced at rising rates (the plot)", (), 5, 1, kind="sweep")
 NAMES = [s.name for s in SCENARIOS] + [SWEEP.name]
 
@@ -437,14 +494,15 @@ def namespaces(chain: Chain) -> tuple[Namespace, ...]:
 # --- building udpload, the topology -----------------------------------------------------------
 
 
-def build_udpload() -> None:
-    """Compile udpload.c into build/bench/ unless the binary is newer than the source."""
-    if UDPLOAD.exists() and UDPLOAD.stat().st_mtime >= UDPLOAD_SOURCE.stat().st_mtime:
+def build(binary: Path) -> None:
+    """Compile NAME.c beside this file into build/bench/NAME unless the binary is newer."""
+    source = HERE / f"{binary.name}.c"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
         return
     BUILD.mkdir(parents=True, exist_ok=True)
-    argv = ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(UDPLOAD)]
-    subprocess.run([*argv, str(UDPLOAD_SOURCE), "-lm"], check=True)
-    print(f"built {UDPLOAD.relative_to(REPO)}", file=sys.stderr)
+    argv = ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(binary)]
+    subprocess.run([*argv, str(source), "-lm"], check=True)
+    print(f"built {binary.relative_to(REPO)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -460,19 +518,21 @@ def forwarding(chain: Chain) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_bench_chain() -> Iterator[Chain]:
+def open_bench_chain(*, wan: bool = False) -> Iterator[Chain]:
     """The chain of tests.netns, plus routes over the WAN link for the kernel subject.
 
     The routes do nothing until ``forwarding`` turns forwarding on: the tunnel subjects send
-    only to their tunnel host's addresses.
+    only to their tunnel host's addresses. With ``wan``, the wan host sits in the middle of
+    the WAN link, and nothing crosses it until a case starts its delay line; without, the
+    link is the direct veth pair, and the scenarios of issue 3 measure what they always did.
     """
-    with open_chain() as chain:
+    with open_chain(wan=wan) as chain:
         chain.tun_a.ip("route", "add", APP_B.rsplit(".", 1)[0] + ".0/24", "via", TUN_B_WAN)
         chain.tun_b.ip("route", "add", APP_A.rsplit(".", 1)[0] + ".0/24", "via", TUN_A_WAN)
         for ns in (chain.app_a, chain.app_b):
             ns.sysctl("net.unix.max_dgram_qlen", UNIX_QUEUE)
         # squid's, after TUN_B_WAN: direct connections still come from TUN_B_WAN.
-        chain.tun_b.ip("addr", "add", f"{SQUID_OUT}/{PREFIX_LEN}", "dev", f"to-{chain.tun_a.role}")
+        chain.tun_b.ip("addr", "add", f"{SQUID_OUT}/{PREFIX_LEN}", "dev", chain.wan_ifnames[1])
         yield chain
 
 
@@ -682,6 +742,7 @@ def start_load(
     seconds: float,
     options: Options,
     tag: str,
+    drain_idle_ms: int = DRAIN_IDLE_MS,
 ) -> list[Load]:
     loads = []
     for app, ns, address, port in (
@@ -708,7 +769,7 @@ def start_load(
                     argv += ["--burst", f"{sends.burst}@{options.event_at()}"]
         if receives:
             argv += ["--receive", "--records", str(records)]
-            argv += ["--drain-idle-ms", str(DRAIN_IDLE_MS), "--drain-max-ms", str(DRAIN_MAX_MS)]
+            argv += ["--drain-idle-ms", str(drain_idle_ms), "--drain-max-ms", str(DRAIN_MAX_MS)]
             if receives.window:
                 argv += ["--ack-to", str(ack_path(options, receives.source))]
         child = children.spawn(argv, read="stdout", stdin=True)
@@ -731,7 +792,11 @@ def run_case(
     case: dict[str, Any] = {"seconds": seconds}
     with contextlib.ExitStack() as stack:
         children = stack.enter_context(Children())
-        tunnels = squid = None
+        tunnels = squid = delay = None
+        wan_before: dict[str, int] = {}
+        delay_cpu_before = 0
+        if scenario.wan:
+            delay = start_delayline(children, chain, scenario.wan)
         if subject == "kernel":
             stack.enter_context(forwarding(chain))
         else:
@@ -745,8 +810,14 @@ def run_case(
             tunnels = start_tunnels(
                 children, chain, program, pin, flows=flow_mode, tls=tls, proxy=proxy
             )
-        loads = start_load(children, chain, subject, flows, seconds, options, tag)
+        loads = start_load(
+            children, chain, subject, flows, seconds, options, tag, scenario.drain_idle_ms
+        )
         errors_before = udp_errors(chain)
+        if scenario.wan:  # from here on: the set-up went through without loss
+            set_wan_loss(chain, scenario.wan.loss_permille)
+            wan_before = wan_drops(chain)
+            delay_cpu_before = cpu_ns(delay.pid) if delay else 0
 
         go = time.monotonic_ns() + START_DELAY_NS
         ends = {"server": tunnels.server, "client": tunnels.client} if tunnels else {}
@@ -782,6 +853,8 @@ def run_case(
             )
         if squid:
             case["proxy"]["exit"] = squid.stop()
+        if scenario.wan and delay:
+            case["wan"] = stop_delayline(chain, scenario.wan, delay, wan_before, delay_cpu_before)
     case["kernel_drops"] = {ns: errors_after[ns] - errors_before[ns] for ns in errors_after}
     case["load"] = {
         load.app: {
@@ -798,7 +871,42 @@ def run_case(
         for load in loads
     }
     analyse(case, flows, loads)
+    if scenario.wan:  # what the tunnel added to the path's own delay
+        for key in ("p50_ms", "p99_ms"):
+            value = case["total"][key]
+            added = None if value is None else value - case["wan"]["one_way_ms"]
+            case["total"][f"added_{key}"] = added
     return case
+
+
+def start_delayline(children: Children, chain: Chain, wan: Wan) -> Child:
+    """The delay line in the wan host, carrying frames once it says so."""
+    assert chain.wan is not None, "a WAN scenario on the chain without the wan host"
+    argv = [*chain.wan.prefix, str(DELAYLINE), "--a", WAN_TO_A, "--b", WAN_TO_B]
+    argv += ["--delay-us", str(round(wan.one_way_ms * 1000))]
+    argv += ["--jitter-us", str(round(wan.jitter_ms * 1000))]
+    line = children.spawn(argv, read="stdout")
+    line.wait_for("^ready$")
+    return line
+
+
+def stop_delayline(
+    chain: Chain, wan: Wan, line: Child, drops_before: dict[str, int], cpu_before: int
+) -> dict[str, Any]:
+    """Loss off, the delay line stopped; what the emulator did during the case."""
+    drops = {ns: count - drops_before[ns] for ns, count in wan_drops(chain).items()}
+    cpu = cpu_ns(line.pid) - cpu_before
+    set_wan_loss(chain, 0)
+    line.signal(signal.SIGTERM)
+    counters = json.loads(line.wait_for(r"^\{"))
+    line.proc.wait(WAIT)
+    return {
+        **asdict(wan),
+        "one_way_ms": wan.one_way_ms,
+        "nft_dropped": drops,  # by the receiving host: tunA's drops went B to A
+        "delayline": counters,
+        "delayline_cpu_ns": cpu,
+    }
 
 
 def drive(
@@ -967,30 +1075,49 @@ def median_round(cases: list[dict[str, Any]]) -> dict[str, Any]:
 def run_all(options: Options, names: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {"scenarios": {}, "sweep": {}}
     chosen = [s for s in SCENARIOS if s.name in names]
-    with open_bench_chain() as chain:
-        for scenario in chosen:
-            entry = {"title": scenario.title, "kind": scenario.kind, "subjects": {}}
-            entry["flows"] = [asdict(flow) for flow in scenario.flows]
-            results["scenarios"][scenario.name] = entry
-            subjects = [s for s in options.subjects if scenario.runs(s)]
-            rounds: dict[str, list[dict[str, Any]]] = {subject: [] for subject in subjects}
-            for number in range(scenario.rounds):
-                label = scenario.name + (f" #{number + 1}" if scenario.rounds > 1 else "")
-                for subject in subjects:
-                    case = attempt(chain, subject, scenario, scenario.flows, options, label)
-                    rounds[subject].append(case)
-            for subject, cases in rounds.items():
-                entry["subjects"][subject] = median_round(cases)
-        if SWEEP.name in names:
-            for rate in SWEEP_RATES:
-                flows = (Flow(A_B, 200, rate=rate),)
-                point = results["sweep"].setdefault(str(rate), {})
-                for subject in filter(SWEEP.runs, options.subjects):
-                    case = attempt(chain, subject, SWEEP, flows, options, f"sweep {rate}/s")
-                    for stats in case.get("flows", {}).values():
-                        stats.pop("series")  # the plot needs the totals only
-                    point[subject] = case
+    direct = [s for s in chosen if not s.wan]
+    if direct or SWEEP.name in names:
+        with open_bench_chain() as chain:
+            run_scenarios(chain, direct, options, results)
+            run_sweep(chain, names, options, results)
+    if emulated := [s for s in chosen if s.wan]:
+        with open_bench_chain(wan=True) as chain:
+            run_scenarios(chain, emulated, options, results)
+    results["wan"] = report.wan_rows(results)
     return results
+
+
+def run_scenarios(
+    chain: Chain, chosen: list[Scenario], options: Options, results: dict[str, Any]
+) -> None:
+    """Each scenario for each subject, its rounds interleaved, into ``results``."""
+    for scenario in chosen:
+        entry = {"title": scenario.title, "kind": scenario.kind, "subjects": {}}
+        entry["flows"] = [asdict(flow) for flow in scenario.flows]
+        results["scenarios"][scenario.name] = entry
+        subjects = [s for s in options.subjects if scenario.runs(s)]
+        rounds: dict[str, list[dict[str, Any]]] = {subject: [] for subject in subjects}
+        for number in range(scenario.rounds):
+            label = scenario.name + (f" #{number + 1}" if scenario.rounds > 1 else "")
+            for subject in subjects:
+                case = attempt(chain, subject, scenario, scenario.flows, options, label)
+                rounds[subject].append(case)
+        for subject, cases in rounds.items():
+            entry["subjects"][subject] = median_round(cases)
+
+
+def run_sweep(chain: Chain, names: list[str], options: Options, results: dict[str, Any]) -> None:
+    """The sweep's rates for each subject, into ``results``, if it was chosen."""
+    if SWEEP.name not in names:
+        return
+    for rate in SWEEP_RATES:
+        flows = (Flow(A_B, 200, rate=rate),)
+        point = results["sweep"].setdefault(str(rate), {})
+        for subject in filter(SWEEP.runs, options.subjects):
+            case = attempt(chain, subject, SWEEP, flows, options, f"sweep {rate}/s")
+            for stats in case.get("flows", {}).values():
+                stats.pop("series")  # the plot needs the totals only
+            point[subject] = case
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -998,7 +1125,7 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
 @click.option(
     "--only",
     metavar="NAME[,NAME]",
-    help=f"Run only these scenarios: {', '.join(NAMES)}.",
+    help=f"Run only these scenarios (shell patterns: 'wan-*-rtt20-*'): {', '.join(NAMES)}.",
 )
 @click.option(
     "--subjects",
@@ -1040,11 +1167,14 @@ def main(
     check: bool,
 ) -> None:
     """Benchmark our udptunnel against Debian's original and the bare kernel path."""
-    names = NAMES if not only else [n.strip() for n in only.split(",") if n.strip()]
+    names = NAMES
+    if only:
+        patterns = [n.strip() for n in only.split(",") if n.strip()]
+        for pattern in patterns:
+            if not fnmatch.filter(NAMES, pattern):
+                raise click.BadParameter(f"unknown scenario {pattern!r}", param_hint="--only")
+        names = [n for n in NAMES if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     chosen_subjects = [s.strip() for s in subjects.split(",") if s.strip()]
-    for name in names:
-        if name not in NAMES:
-            raise click.BadParameter(f"unknown scenario {name!r}", param_hint="--only")
     for subject in chosen_subjects:
         if subject not in SUBJECTS:
             raise click.BadParameter(f"unknown subject {subject!r}", param_hint="--subjects")
@@ -1056,7 +1186,10 @@ def main(
     proxied = any(s.proxied for s in SCENARIOS if s.name in names)
     if proxied and PROXIED in chosen_subjects and shutil.which("squid") is None:
         raise click.ClickException(f"{PROXIED} needs squid (Debian's package), or --subjects")
-    build_udpload()
+    if any(s.wan for s in SCENARIOS if s.name in names) and shutil.which("nft") is None:
+        raise click.ClickException("the wan-* scenarios need nft (Debian's package nftables)")
+    build(UDPLOAD)
+    build(DELAYLINE)
     started = time.monotonic()
     info = machine()
     print(report.header(info, quick, pin), file=sys.stderr)
@@ -1080,6 +1213,8 @@ def main(
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     print(report.header(info, quick, pin))
     print(report.table(results))
+    if results["wan"]:
+        print(report.wan_text(results["wan"]))
     plot = report.plot(results, BUILD / "latency.png")
     print(report.targets_text(results["targets"]))
     print(f"\nJSON: {json_path}   plot: {plot}   wall time: {results['options']['wall_s']} s")
