@@ -178,6 +178,9 @@ class Relay:
 
 
 PROXY_SCHEMES = ("http", "socks5", "socks5h")  # CONNECT; SOCKS5, we resolve; it resolves
+MAX_NAME = 253  # characters of a DNS name in its ASCII form (RFC 1035, without the final dot)
+SOCKS5_CREDENTIAL = (1, 255)  # bytes of a SOCKS5 user or password: one length byte (RFC 1929)
+_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # letters, digits, - and _ in labels
 PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")  # as curl reads them
 NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 
@@ -214,26 +217,81 @@ def parse_proxy(text: str) -> ProxySettings:
         ConfigError: naming the text and what is wrong with it.
     """
     forms = "expected http://, socks5:// or socks5h://[USER@]HOST:PORT"
+    shown = _without_credentials(text)
     try:
         url = urlsplit(text)
         port = url.port
-    except ValueError as exc:
-        raise ConfigError(f"{text!r}: invalid port ({exc}; {forms})") from exc
+    except ValueError as exc:  # its words may quote the credentials
+        raise ConfigError(f"{shown!r}: invalid port ({forms})") from exc
     scheme = url.scheme.lower()
     if scheme not in PROXY_SCHEMES or not url.netloc:
-        raise ConfigError(f"{text!r}: {forms}")
+        raise ConfigError(f"{shown!r}: {forms}")
     if not url.hostname:
-        raise ConfigError(f"{text!r}: no proxy host ({forms})")
+        raise ConfigError(f"{shown!r}: no proxy host ({forms})")
     if port is None:
-        raise ConfigError(f"{text!r}: a port is needed ({forms})")
+        raise ConfigError(f"{shown!r}: a port is needed ({forms})")
     if not MIN_PORT <= port <= MAX_PORT:
-        raise ConfigError(f"{text!r}: invalid port {port} (expected {MIN_PORT}-{MAX_PORT})")
+        raise ConfigError(f"{shown!r}: invalid port {port} (expected {MIN_PORT}-{MAX_PORT})")
     if url.path not in ("", "/") or url.query or url.fragment:
-        raise ConfigError(f"{text!r}: nothing may follow the port ({forms})")
+        raise ConfigError(f"{shown!r}: nothing may follow the port ({forms})")
     host = url.netloc.rpartition("@")[2].rpartition(":")[0].strip("[]")  # as written, not lowered
+    if ascii_host(host) is None:
+        raise ConfigError(f"{shown!r}: the proxy host {host!r} is not a valid name or address")
     username = unquote(url.username) if url.username is not None else None
     password = unquote(url.password) if url.password is not None else None
     return ProxySettings(scheme, host, port, username, password, exposed=password is not None)
+
+
+def _without_credentials(text: str) -> str:
+    """A proxy URL as it may be shown: whatever stands before its last ``@`` (the user and
+    the password, however mistyped) replaced by ``***``."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else text
+
+
+def ascii_host(host: str) -> str | None:
+    """``host`` as it goes on the wire: an IP address as written, a name in its ASCII (IDNA)
+    form; None if it is neither (a label too long, a space, a line break)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return host
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return name if len(name.rstrip(".")) <= MAX_NAME and _NAME.fullmatch(name) else None
+
+
+def _check_credentials(proxy: ProxySettings) -> None:
+    """Refuse credentials that the proxy's protocol cannot carry, without showing them.
+
+    Raises:
+        ConfigError: an empty user; for HTTP Basic, a ``:`` in the user; for SOCKS5, a user
+            or password that is not 1 to 255 ASCII characters (RFC 1929).
+    """
+    if proxy.username is None:
+        return
+    if not proxy.username:
+        raise ConfigError(f"{proxy}: the proxy user is empty")
+    if proxy.scheme == "http":
+        if ":" in proxy.username:
+            raise ConfigError(
+                f"{proxy}: the proxy user may not contain ':' (HTTP Basic authentication "
+                "cannot carry it)"
+            )
+        return
+    low, high = SOCKS5_CREDENTIAL
+    for what, value in (("user", proxy.username), ("password", proxy.password)):
+        if value is not None and not (value.isascii() and low <= len(value) <= high):
+            raise ConfigError(
+                f"{proxy}: the proxy {what} must be {low} to {high} ASCII characters for SOCKS5 "
+                "(RFC 1929)"
+            )
 
 
 def proxy_from_environment(
@@ -314,11 +372,14 @@ def _proxy(
         settings = proxy_from_environment(environ, tcp.host, tcp.port)
     else:
         settings = parse_proxy(proxy)
-    if settings is None or password is None:
-        return settings
-    if settings.exposed:
-        raise ConfigError("the proxy password is given twice: in the URL and apart from it")
-    return replace(settings, password=password)
+    if settings is None:
+        return None
+    if password is not None:
+        if settings.exposed:
+            raise ConfigError("the proxy password is given twice: in the URL and apart from it")
+        settings = replace(settings, password=password)
+    _check_credentials(settings)
+    return settings
 
 
 @dataclass(frozen=True)
