@@ -503,13 +503,13 @@ FAILURES = {
     ),
     "squid, the wrong password": Failure(
         "squid", SQUID,
-        rf"the proxy {SHOWN_SQUID} refused our credentials for user '{USER}' \(407 Proxy "
+        rf"the proxy {SHOWN_SQUID} refused our credentials \(407 Proxy "
         r"Authentication Required\)",
         password="not the password",
     ),
     "squid, the user without a password": Failure(
         "squid", SQUID,
-        rf"the proxy {SHOWN_SQUID} refused our credentials for user '{USER}' \(407 .*\)",
+        rf"the proxy {SHOWN_SQUID} refused our credentials \(407 .*\)",
         password=None,
     ),
     "squid, no credentials at all": Failure(
@@ -536,7 +536,7 @@ FAILURES = {
     ),
     "dante, the wrong password": Failure(
         "dante", DANTE,
-        rf"the proxy {SHOWN_DANTE} refused our credentials \(SOCKS5 user '{SOCKS_USER}'\)",
+        rf"the proxy {SHOWN_DANTE} refused our credentials \(SOCKS5 username and password\)",
         password="not the password",
     ),
     "dante, no credentials": Failure(
@@ -609,6 +609,9 @@ def test_each_failure_of_the_proxy_has_its_own_line(
     assert re.fullmatch(failure.line, errors[0].removeprefix("udptunnel: ")), errors[0]
     assert "Traceback" not in client.stderr
     assert PASSWORD not in client.stderr and "not the password" not in client.stderr
+    # nor the user (USER is also the program's name, which starts every error line)
+    assert f"{USER}@" not in client.stderr and f"'{USER}'" not in client.stderr
+    assert SOCKS_USER not in client.stderr
 
 
 def test_a_server_with_a_proxy_is_a_bad_command_line() -> None:
@@ -637,3 +640,19 @@ def test_a_password_in_the_url_works_but_is_warned_about_and_never_shown() -> No
     first, *_ = result.stderr.splitlines()
     assert first.startswith("udptunnel: The proxy password is in the URL, where other users")
     assert "hunter2" not in result.stderr and "alice" not in result.stderr
+
+
+def test_a_password_without_a_user_is_a_bad_command_line() -> None:
+    result = subprocess.run(
+        [UDPTUNNEL, "--proxy", "http://proxy.example:3128", "-c", "127.0.0.1/6000",
+         "127.0.0.1/5000"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "UDPTUNNEL_PROXY_PASSWORD": "hunter2"},
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (
+        2,
+        "udptunnel: a proxy password without a user: give the user in the URL "
+        "(http://USER@proxy.example:3128)\n",
+    )

@@ -377,6 +377,11 @@ def _proxy(
     if password is not None:
         if settings.exposed:
             raise ConfigError("the proxy password is given twice: in the URL and apart from it")
+        if settings.username is None:
+            raise ConfigError(
+                "a proxy password without a user: give the user in the URL "
+                f"({settings.scheme}://USER@{settings.host}:{settings.port})"
+            )
         settings = replace(settings, password=password)
     _check_credentials(settings)
     return settings

@@ -261,7 +261,7 @@ def explain(exc: Exception, proxy: ProxySettings, target: Address) -> str:
     if code in SOCKS5_REPLIES:
         return f"the proxy {proxy} could not connect to {target}: {SOCKS5_REPLIES[code]}"
     if "authentication failure" in answer:
-        return f"the proxy {proxy} refused our credentials (SOCKS5 user {proxy.username!r})"
+        return f"the proxy {proxy} refused our credentials (SOCKS5 username and password)"
     if "No acceptable authentication methods" in answer:
         return (
             f"the proxy {proxy} requires credentials: give the user in the URL "
@@ -283,7 +283,7 @@ def _http(code: int, answer: str, proxy: ProxySettings, target: Address) -> str:
                 f"(http://USER@{proxy.host}:{proxy.port}) and the password in "
                 "--proxy-password-file or UDPTUNNEL_PROXY_PASSWORD"
             )
-        return f"the proxy {proxy} refused our credentials for user {proxy.username!r} ({answer})"
+        return f"the proxy {proxy} refused our credentials ({answer})"
     if code == HTTP_FORBIDDEN:
         return (
             f"the proxy {proxy} forbids a connection to {target} ({answer}); many proxies, "
