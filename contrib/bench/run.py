@@ -323,6 +323,30 @@ SCENARIOS += [
     for rtt in WAN_RTTS_MS
     for loss in WAN_LOSSES_PCT
 ]
+# --wan-tuning: kernel settings in tunA and tunB (per network namespace, so they end with the
+# chain) for the wan-* cases, to weigh the kernel's own levers against loss without touching
+# the tunnel: sysctls, and options of the routes over the WAN link. Congestion control goes by
+# route (congctl): a namespace other than the first may not make cubic its default here, as
+# tcp_allowed_congestion_control is "reno bbr" and the default bbr.
+RTO10 = ("net.ipv4.tcp_rto_min_us", "10000")  # the minimum RTO: 10 ms instead of 200 ms
+THIN = ("net.ipv4.tcp_thin_linear_timeouts", "1")  # no backoff while a stream is thin
+QUICKACK = ("quickack", "1")  # route option: acknowledge each segment at once, never delayed
+
+
+@dataclass(frozen=True)
+class WanTuning:
+    sysctls: tuple[tuple[str, str], ...] = ()
+    route: tuple[tuple[str, str], ...] = ()  # options of the routes over the WAN link
+
+
+WAN_TUNINGS = {
+    "none": WanTuning(),
+    "cubic": WanTuning(route=(("congctl", "cubic"),)),
+    "rto10": WanTuning((RTO10,)),
+    "rto10-quickack": WanTuning((RTO10,), (QUICKACK,)),
+    "thin": WanTuning((THIN,)),
+    "rto10-thin": WanTuning((RTO10, THIN)),
+}
 SWEEP = Scenario("sweep", "200 B paced at rising rates (the plot)", (), 5, 1, kind="sweep")
 NAMES = [s.name for s in SCENARIOS] + [SWEEP.name]
 
@@ -542,6 +566,18 @@ class Tunnels:
     client: Child
 
 
+def apply_wan_tuning(chain: Chain, name: str) -> None:
+    """Set WAN_TUNINGS[name] in tunA and tunB (their own namespaces: nothing global)."""
+    tuning = WAN_TUNINGS[name]
+    for ns, ifname in zip((chain.tun_a, chain.tun_b), chain.wan_ifnames, strict=True):
+        for key, value in tuning.sysctls:
+            ns.run(["sysctl", "-q", "-w", f"{key}={value}"])
+        options = [word for option in tuning.route for word in option]
+        for route in ns.run(["ip", "-o", "route", "show", "dev", ifname]).splitlines():
+            if options:
+                ns.run(["ip", "route", "change", *route.split(), "dev", ifname, *options])
+
+
 def start_squid(
     children: Children, stack: contextlib.ExitStack, chain: Chain, tmp: Path
 ) -> tuple[Child, list[str]]:
@@ -700,6 +736,7 @@ class Options:
     pin: str
     tmp: Path
     subjects: list[str]
+    wan_tuning: str = "none"
 
     def seconds(self, scenario: Scenario) -> float:
         base = scenario.quick_seconds if self.quick else scenario.seconds
@@ -1082,6 +1119,7 @@ def run_all(options: Options, names: list[str]) -> dict[str, Any]:
             run_sweep(chain, names, options, results)
     if emulated := [s for s in chosen if s.wan]:
         with open_bench_chain(wan=True) as chain:
+            apply_wan_tuning(chain, options.wan_tuning)
             run_scenarios(chain, emulated, options, results)
     results["wan"] = report.wan_rows(results)
     return results
@@ -1156,6 +1194,13 @@ def run_sweep(chain: Chain, names: list[str], options: Options, results: dict[st
     show_default=True,
     help="split: load tools on CPU 0, tunnel ends on CPU 1 (taskset). none: the scheduler's.",
 )
+@click.option(
+    "--wan-tuning",
+    type=click.Choice(list(WAN_TUNINGS)),
+    default="none",
+    show_default=True,
+    help="Kernel settings in tunA and tunB for the wan-* scenarios (WAN_TUNINGS in run.py).",
+)
 @click.option("--check", is_flag=True, help="Exit 1 if any target of issue 3 fails.")
 def main(
     quick: bool,
@@ -1164,6 +1209,7 @@ def main(
     scale: float,
     json_path: Path,
     pin: str,
+    wan_tuning: str,
     check: bool,
 ) -> None:
     """Benchmark our udptunnel against Debian's original and the bare kernel path."""
@@ -1197,13 +1243,14 @@ def main(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     BUILD.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BUILD, prefix="run-") as tmp:
-        options = Options(quick, scale, pin, Path(tmp), chosen_subjects)
+        options = Options(quick, scale, pin, Path(tmp), chosen_subjects, wan_tuning)
         results = run_all(options, names)
     results["machine"] = info
     results["options"] = {
         "quick": quick,
         "duration_scale": scale,
         "pin": pin,
+        "wan_tuning": wan_tuning,
         "subjects": chosen_subjects,
         "scenarios": names,
         "wall_s": round(time.monotonic() - started, 1),
