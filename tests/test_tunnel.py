@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import os
 import socket
 import sys
 import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,3 +251,23 @@ async def test_the_last_failure_is_named_when_no_address_answers() -> None:
         with pytest.raises(TunnelError, match=r"^cannot connect to TCP h/1: no answer in 0.2 s$"):
             await connect(Connections(), addresses, Address("h", 1), attempt_seconds=0.2)
         queued.close()
+
+
+def _congestion_control(name: str) -> list[str]:
+    """A line of /proc/sys/net/ipv4/tcp_NAME_congestion_control (or tcp_congestion_control)."""
+    return Path(f"/proc/sys/net/ipv4/tcp_{name}congestion_control").read_text().split()
+
+
+async def test_the_tunnels_connections_use_bbr_where_the_kernel_allows_it() -> None:
+    """bbr, which keeps a stream of datagrams moving under loss (issue 13); elsewhere the
+    system's default, without complaint. Root may choose any available algorithm, others
+    only the allowed ones."""
+    choosable = _congestion_control("available_" if os.geteuid() == 0 else "allowed_")
+    expected = "bbr" if "bbr" in choosable else _congestion_control("")[0]
+    with socket.create_server(("127.0.0.1", 0)) as server, trio.fail_after(CEILING):
+        connections = Connections()
+        address = [(socket.AF_INET, server.getsockname())]
+        stream, _ = await connect(connections, address, Address("h", 1), attempt_seconds=CEILING)
+        used = stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+        assert used.rstrip(b"\0").decode() == expected
+        await connections.aclose()

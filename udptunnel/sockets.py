@@ -37,6 +37,11 @@ CLOSE_GRACE = 2.0  # seconds a closing connection waits for the peer's end befor
 ACCEPT_BACKOFF_FIRST = 0.01  # seconds: the first pause after accept() fails
 ACCEPT_BACKOFF_MAX = 1.0  # seconds: the longest
 KEEPALIVE_PROBES = 3  # unanswered probes that end a connection: detection in about 2x idle
+# Congestion control for the tunnel's connections: under loss cubic lets a stream of
+# datagrams fall behind for good (1,000/s at 80 ms RTT and 3% loss: 24-31% lost, seconds
+# late), bbr keeps up (contrib/bench/wan-levers.md). Where the kernel lacks it or does not
+# allow it, the system's default stays.
+CONGESTION_CONTROL = b"bbr"
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _MAPPED_PREFIX = "::ffff:"  # how a dual-stack IPv6 socket sees an IPv4 source
 
@@ -351,6 +356,8 @@ class Connections:
     def adopt(self, stream: trio.SocketStream) -> trio.SocketStream:
         self._streams.append(stream)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
+        with contextlib.suppress(OSError):  # ENOENT: not built; EPERM: not allowed to us
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CONGESTION_CONTROL)
         if idle := self._keepalive:
             interval = max(1, -(-idle // KEEPALIVE_PROBES))  # rounded up, at least 1 s
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
