@@ -166,7 +166,7 @@ def in_pieces(*pieces: bytes) -> Behaviour:
     def behaviour(conn: socket.socket, server_port: int) -> None:
         for piece in pieces:
             conn.sendall(piece)
-            time.sleep(PAUSE)
+            time.sleep(PAUSE)  # the behaviour under test: each piece its own TCP segment
         _relay(conn, server_port)
 
     return behaviour
@@ -258,13 +258,13 @@ def _endless_headers(conn: socket.socket, server_port: int) -> None:
     conn.sendall(b"HTTP/1.1 200 OK\r\n")
     while True:
         conn.sendall(b"X-Junk: y\r\n")
-        time.sleep(0.001)
+        time.sleep(0.001)  # a proxy that talks for ever, not a flood: the pace is its own
 
 
 def _slow(conn: socket.socket, server_port: int) -> None:
     for byte in b"HTTP/1.1 200 OK\r\nX-Slow: yes\r\n\r\n":
         conn.sendall(bytes([byte]))
-        time.sleep(1.0)
+        time.sleep(1.0)  # the behaviour under test: a proxy that answers a byte a second
 
 
 def _407_huge(conn: socket.socket, server_port: int) -> None:

@@ -106,7 +106,7 @@ def sockets(chain: Chain) -> Iterator[tuple[socket.socket, socket.socket]]:
 def send(sender: socket.socket, peer: str, count: int, gap: float) -> None:
     for seq in range(count):
         sender.sendto(STAMP.pack(seq, time.time_ns()), (peer, PORT))
-        time.sleep(gap)
+        time.sleep(gap)  # the load's pace: datagrams spread out in time, as a stream sends
 
 
 def receive(receiver: socket.socket, idle: float) -> list[tuple[int, float]]:
