@@ -23,9 +23,11 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +71,35 @@ def open_firewall() -> Iterator[Firewall]:
             stack.callback(shutil.rmtree, etc, True)
             (etc / "hosts").write_text(f"127.0.0.1 localhost\n{SERVER} {SERVER_NAME}\n{extra}")
         yield Firewall(client, proxy, server)
+
+
+@contextlib.contextmanager
+def each_connection(
+    listener: socket.socket, handle: Callable[[socket.socket], object]
+) -> Iterator[None]:
+    """Accept on ``listener`` and ``handle`` each connection in a thread of its own, until
+    the ``with`` block ends; then close the listener and every connection it took."""
+    taken: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            taken.append(conn)
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(WAIT)
+        for conn in taken:
+            conn.close()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import os
 import re
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from .proxies import (
     TUNNEL_PORT,
     USER,
     Firewall,
+    each_connection,
     open_firewall,
     run_dante,
     run_squid,
@@ -456,30 +456,15 @@ def impostor(ns: Namespace, port: int, answer: bytes | None) -> Iterator[None]:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((PROXY_IN, port))
     listener.listen()
-    held: list[socket.socket] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            if answer is None:
-                conn.close()
-            else:
-                conn.sendall(answer)
-                held.append(conn)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(WAIT)
-        for conn in held:
+    def handle(conn: socket.socket) -> None:
+        if answer is None:
             conn.close()
+        else:
+            conn.sendall(answer)  # and holds it, until the end
+
+    with each_connection(listener, handle):
+        yield
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from udptunnel.errors import ConfigError
 from udptunnel.proxy import ProxyError, connect_request, reply_head_end, reply_status
 
 from .conftest import UDPTUNNEL, WAIT, Process, free_port, udp_socket
+from .proxies import each_connection
 
 Spawn = type[Process]
 Behaviour = Callable[[socket.socket, int], None]  # the client's connection, the server's port
@@ -130,7 +131,6 @@ def fake_proxy(
     ``behaviour``; yields its port and the requests it has read."""
     listener = socket.create_server(("127.0.0.1", 0))
     requests: list[bytes] = []
-    conns: list[socket.socket] = []
 
     def handle(conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -139,25 +139,9 @@ def fake_proxy(
                 requests.append(_read_request(conn))
             behaviour(conn, server_port)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1], requests
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(WAIT)
-        for conn in conns:
-            conn.close()
+    port = listener.getsockname()[1]
+    with each_connection(listener, handle):
+        yield port, requests
 
 
 def in_pieces(*pieces: bytes) -> Behaviour:
