@@ -47,14 +47,18 @@ def busy_rtp_server(spawn: Spawn) -> tuple[Process, int]:
 
 
 def test_a_second_rtp_client_is_refused_in_one_line(spawn: Spawn) -> None:
-    """Both of its connections are reset at once: one refusal, one line (it was two)."""
+    """Both of its connections are reset at once: one refusal, one line (it was two).
+
+    The client makes its two connections one after the other: on a loaded machine the reset
+    of the first can come before its connect returns, which then fails, and the second is
+    never made (CI saw it). So the server logs one refusal or two; the client, one line."""
     server, tcp = busy_rtp_server(spawn)
     second = rtp_end(spawn, "-c", f"{LOOPBACK}/{tcp}")
     assert second.wait() == 1
     assert "Traceback" not in second.stderr
     assert len(errors(second)) == 1, second.stderr
     assert BUSY in errors(second)[0]
-    server.wait_for("Refused TCP connection from .*: tunnel busy", nth=2)
+    server.wait_for("Refused TCP connection from .*: tunnel busy")
     assert server.proc.poll() is None
 
 
