@@ -21,6 +21,7 @@ from udptunnel.counters import Counters
 from udptunnel.egress import UdpSender
 from udptunnel.errors import TunnelError
 from udptunnel.framing import Decoder, encode
+from udptunnel.lanes import Lanes
 from udptunnel.relay import (
     Backlog,
     _drop_oldest,
@@ -117,7 +118,7 @@ async def relay_rig(
             async with stream, peer, trio.open_nursery() as nursery:
 
                 async def relay() -> None:
-                    await run_relay(stream, udp, rig.counters, max_delay=max_delay)
+                    await run_relay(Lanes(stream), udp, rig.counters, max_delay=max_delay)
                     rig.done.set()
 
                 nursery.start_soon(relay)
@@ -403,7 +404,9 @@ async def test_a_wrapped_stream_is_never_bypassed_for_its_socket() -> None:
             udp = UdpEnd(sock, app.getsockname())
             with trio.fail_after(CEILING):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(partial(run_relay, wrapped, udp, Counters(), max_delay=1.0))
+                    nursery.start_soon(
+                        partial(run_relay, Lanes(wrapped), udp, Counters(), max_delay=1.0)
+                    )
                     await far.send_all(encode(b"into UDP" * 20) * 3)  # a run: segmentation too
                     for _ in range(3):
                         assert (await app.recvfrom(1000))[0] == b"into UDP" * 20

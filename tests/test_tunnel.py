@@ -23,6 +23,7 @@ from udptunnel.config import Address, Config, Mode
 from udptunnel.counters import Counters
 from udptunnel.errors import TunnelError
 from udptunnel.framing import Decoder, encode
+from udptunnel.lanes import Lanes
 from udptunnel.sockets import Connections, connect
 from udptunnel.tunnel import Ready, run_tunnel
 
@@ -166,9 +167,11 @@ async def test_both_streams_have_nagle_off(monkeypatch: pytest.MonkeyPatch) -> N
     seen: list[int] = []
     original = session.run_relay
 
-    async def recording(stream: trio.SocketStream, *args: Any, **kwargs: Any) -> None:
+    async def recording(lanes: Lanes, *args: Any, **kwargs: Any) -> None:
+        stream = lanes.first.stream
+        assert isinstance(stream, trio.SocketStream)
         seen.append(stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        await original(stream, *args, **kwargs)
+        await original(lanes, *args, **kwargs)
 
     monkeypatch.setattr(session, "run_relay", recording)
     async with both_ends("127.0.0.1") as ends:

@@ -28,6 +28,7 @@ from .config import (
     DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_HANDSHAKES,
     DEFAULT_RECONNECT_MAX,
+    MAX_CONNECTIONS,
     Config,
     build_config,
 )
@@ -180,6 +181,18 @@ def _tls_file(name: str, text: str) -> Callable[[F], F]:
     metavar="MS",
     help="Drop a datagram from the tunnel that waited in this end longer than MS "
     "milliseconds, rather than deliver it late.",
+)
+@_option(
+    "--connections",
+    env="CONNECTIONS",
+    type=_Whole(1, MAX_CONNECTIONS),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Carry each port pair over N TCP connections, on both ends: a segment lost on the "
+    "way holds back only the datagrams on its own connection, not all (for real-time "
+    "traffic over lossy links). The server must be started with it too; otherwise the "
+    "client carries on over one.",
 )
 @_option(
     "-v",

@@ -10,6 +10,10 @@ The wire format has no word for a refusal: a server that turns a client away can
 the connection, and say why in its own log. A TLS server says it with an alert, which the
 client reports in its own words; otherwise a connection reset right after it was made, before
 the server sent anything, is reported with its likely causes.
+
+With ``--connections N`` the client opens N-1 further connections per port pair once the
+first is up, the same way, and replaces each that breaks while the tunnel runs (lanes.py).
+A server that does not take them leaves the tunnel on its one connection, said once.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, replace
+from functools import partial
 
 import trio
 
 from .acceptance import Proof
 from .config import Address, ProxySettings
 from .errors import ConfigError, TunnelError, leaves, messages
+from .lanes import Lanes
 from .persist import STEADY_AFTER, Backoff
 from .proxy import ProxyFailure, connect_via
 from .session import Session
@@ -163,6 +169,7 @@ class Client:
         servers: one per port pair.
         tls: the client's TLS, or None.
         keepalive, connect_timeout, reconnect_max: as on the command line.
+        connections: how many connections to carry each port pair over.
     """
 
     def __init__(
@@ -174,8 +181,10 @@ class Client:
         keepalive: int | None,
         connect_timeout: float,
         reconnect_max: float,
+        connections: int = 1,
     ) -> None:
         self.session, self.servers, self.tls = session, servers, tls
+        self.connections = connections
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.reconnect_max = reconnect_max
@@ -192,7 +201,7 @@ class Client:
             connected = [await self._connect(connections, server) for server in self.servers]
             self._log_connected(connected)
             task_status.started([address for _, address, _ in connected])
-            await self._carry(connected)
+            await self._carry(connections, connected)
 
     async def keep_connected(self) -> None:
         """Connect, carry, and when the tunnel ends or cannot be made, connect again after
@@ -214,7 +223,7 @@ class Client:
                 else:
                     self._log_connected(connected)  # now: the datagrams from here on are carried
                     up_since = trio.current_time()
-                    ended = await self._carry(connected)
+                    ended = await self._carry(connections, connected)
                     if trio.current_time() - up_since >= STEADY_AFTER:
                         backoff.reset()
             attempts += 1
@@ -230,9 +239,52 @@ class Client:
                 await trio.sleep(wait)
             counters.reconnects += 1
 
-    async def _carry(self, connected: list[tuple[trio.abc.Stream, SockAddr, Answer]]) -> str:
-        streams = [stream for stream, _, _ in connected]
-        return await self.session.carry(streams, [answer for _, _, answer in connected])
+    async def _carry(
+        self, connections: Connections, connected: list[tuple[trio.abc.Stream, SockAddr, Answer]]
+    ) -> str:
+        lanes = [Lanes(stream, wanted=self.connections) for stream, _, _ in connected]
+        keepers = [
+            partial(self._keep_lanes, connections, server, each)
+            for server, each in zip(self.servers, lanes, strict=True)
+            if self.connections > 1
+        ]
+        answers = [answer for _, _, answer in connected]
+        return await self.session.carry(lanes, answers, alongside=keepers)
+
+    async def _keep_lanes(self, connections: Connections, server: Server, lanes: Lanes) -> None:
+        """Open a port pair's further connections, and replace each that breaks, while the
+        tunnel runs. If the server does not take the first of them, say so and stop."""
+        backoff = Backoff(self.reconnect_max)
+        taken = False  # the server has taken one: it can take more
+        while True:
+            while not lanes.room():
+                await lanes.changed()
+            try:
+                stream, _, _ = await dial(
+                    connections, server, within=self.connect_timeout, tls=self.tls
+                )
+            except TunnelError as exc:
+                why = str(exc)
+            else:
+                lane = lanes.join(stream, usable=False)
+                with trio.move_on_after(self.connect_timeout):
+                    await lane.settled.wait()
+                if lane.usable:
+                    taken = True
+                    backoff.reset()
+                    continue
+                why = lane.failure or f"no greeting in {self.connect_timeout:g} s"
+                lanes.lose(lane, TunnelError(why))
+            if not taken:
+                log.warning(
+                    "The server did not take a further TCP connection (%s): is it udptunnel "
+                    "2 started with --connections? Carrying on over one",
+                    why,
+                )
+                return
+            wait = backoff.next()
+            log.info("Cannot open TCP connection (%s); trying again in %.1f s", why, wait)
+            await trio.sleep(wait)
 
     async def _connect(
         self, connections: Connections, server: Server, *, again: bool = False

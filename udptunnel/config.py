@@ -24,6 +24,7 @@ DEFAULT_TTL = 1  # as the original: multicast stays on the local network unless 
 RTP_PAIR = 2  # RTP mode relays an even port and the odd port above it (RTP and RTCP)
 DEFAULT_MAX_DELAY = 0.01  # seconds a datagram may wait in a tunnel end: a media jitter budget
 MAX_MAX_DELAY = 60.0  # seconds: longer is no bound at all
+MAX_CONNECTIONS = 16  # --connections: TCP connections per port pair
 DEFAULT_MAX_FLOWS = 256  # flows at once in flow mode: each costs a TCP connection (and a socket)
 DEFAULT_FLOW_TIMEOUT = 60.0  # seconds without a datagram that end a flow
 DEFAULT_MAX_HANDSHAKES = 128  # connections still proving themselves, past which the oldest go
@@ -412,6 +413,7 @@ class Config:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES  # flow server: unproven connections at once
     proxy: ProxySettings | None = None  # a client's way out: HTTP CONNECT or SOCKS5
+    connections: int = 1  # TCP connections per port pair (lanes.py); both ends must ask
 
     @property
     def relays(self) -> tuple[Relay, ...]:
@@ -609,6 +611,7 @@ def build_config(
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
     proxy: str | None = None,
     proxy_password: str | None = None,
+    connections: int = 1,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Check the command line as a whole and turn it into a Config.
@@ -629,6 +632,7 @@ def build_config(
         proxy: the ``--proxy`` value, a URL or ``env``; proxy_password: its password, read
             from ``--proxy-password-file`` or UDPTUNNEL_PROXY_PASSWORD; environ: where
             ``--proxy env`` looks (the process's environment).
+        connections: TCP connections per port pair.
 
     Raises:
         ConfigError: with the original's wording where it had one.
@@ -668,9 +672,19 @@ def build_config(
         handshake_timeout=handshake_timeout,
         max_handshakes=max_handshakes,
         proxy=_proxy(mode, proxy, proxy_password, tcp, {} if environ is None else environ),
+        connections=connections,
     )
     if flows and rtp:
         raise ConfigError("Flow mode (--flows) and RTP mode (-r) cannot be combined.")
+    if flows and connections > 1:
+        raise ConfigError(
+            "--connections does not combine with flow mode (--flows): each flow has a "
+            "connection of its own"
+        )
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise ConfigError(
+            f"{connections}: invalid number of connections (expected 1-{MAX_CONNECTIONS})"
+        )
     if reuse_port and not (flows and mode is Mode.SERVER):
         raise ConfigError("--reuse-port needs a flow-mode server (-s and --flows).")
     if not 1 <= max_delay_ms <= MAX_MAX_DELAY * 1000:

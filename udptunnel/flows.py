@@ -36,12 +36,14 @@ from .egress import ICMP_ERRORS, UdpSender
 from .errors import TunnelError, messages
 from .flowtable import Flow, FlowTable
 from .framing import HEADER, MAX_DATAGRAM
-from .relay import carry, fd_of, kernel_drops, run_relay
+from .lanes import Lanes
+from .relay import carry, kernel_drops, run_relay
 from .sockets import (
     Connections,
     Resolved,
     SockAddr,
     UdpEnd,
+    fd_of,
     open_flow_udp,
     peer,
     refuse,
@@ -125,8 +127,9 @@ class FlowServer:
                         with _flow_socket(self.destination, flow.counters) as sock:
                             log.info("Flow from %s: UDP %s", who, show(sock.getsockname()))
                             udp = UdpEnd(sock, None, frozenset(), self.sources)
+                            lanes = Lanes(secured)
                             await run_relay(
-                                secured, udp, flow.counters, max_delay=self.max_delay, proof=proof
+                                lanes, udp, flow.counters, max_delay=self.max_delay, proof=proof
                             )
         finally:
             self.table.remove(stream, flow)
@@ -313,7 +316,7 @@ class FlowClient:
                     )
                     try:
                         await carry(
-                            stream,
+                            Lanes(stream),
                             flow.queue,
                             sender,
                             flow.counters,

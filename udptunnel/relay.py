@@ -44,7 +44,8 @@ from .counters import Counters
 from .egress import ICMP_ERRORS, YIELD_EVERY, UdpSender
 from .errors import TunnelError, leaves
 from .framing import HEADER, MAX_DATAGRAM, Decoder
-from .sockets import UdpEnd
+from .lanes import Lane, Lanes
+from .sockets import UdpEnd, fd_of
 from .tls import lost
 
 log = logging.getLogger(__name__)
@@ -70,22 +71,22 @@ class Inbound(Protocol):
 
 
 async def run_relay(
-    stream: trio.abc.Stream,
+    lanes: Lanes,
     udp: UdpEnd,
     counters: Counters,
     *,
     max_delay: float,
     proof: Proof | None = None,
 ) -> None:
-    """Carry datagrams both ways between ``stream`` and a UDP socket of the relay's own,
-    until the TCP peer closes the connection (see ``carry``)."""
+    """Carry datagrams both ways between the TCP connections of ``lanes`` and a UDP socket
+    of the relay's own, until the TCP peer closes a connection (see ``carry``)."""
     sender = UdpSender(udp.sock, counters, destination=udp.destination)
     inbound = SocketInbound(udp, counters)
-    await carry(stream, inbound, sender, counters, max_delay=max_delay, proof=proof)
+    await carry(lanes, inbound, sender, counters, max_delay=max_delay, proof=proof)
 
 
 async def carry(
-    stream: trio.abc.Stream,
+    lanes: Lanes,
     inbound: Inbound,
     sender: UdpSender,
     counters: Counters,
@@ -93,26 +94,30 @@ async def carry(
     max_delay: float,
     proof: Proof | None = None,
 ) -> None:
-    """Carry datagrams both ways until the TCP peer closes the connection.
+    """Carry datagrams both ways until the TCP peer closes a connection.
 
     Args:
-        stream: the TCP connection; this is its only reader and its only writer.
+        lanes: the TCP connection, or several (lanes.py), and those that join while the
+            relay runs; this is their only reader and their only writer.
         inbound: the datagrams for the tunnel.
         sender: sends the datagrams from the tunnel.
         counters: updated as datagrams pass or are dropped.
         max_delay: seconds a frame from TCP may wait here before it is dropped as too late.
-        proof: told when the first bytes, and the first whole frame, have come from TCP.
+        proof: told when the first bytes, and the first whole frame, have come from TCP on
+            the first connection.
 
     Raises:
         TunnelError: if the TCP connection breaks (reset, or a write to a closed peer), or
-            UDP sending fails for good.
+            of several, the last; or UDP sending fails for good.
     """
     try:
         async with trio.open_nursery() as nursery:
             stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
-            to_udp = partial(tcp_to_udp, stream, sender, max_delay, proof)
-            nursery.start_soon(run_then, stop, to_udp)
-            nursery.start_soon(udp_to_tcp, inbound, stream, counters)
+            nursery.start_soon(udp_to_tcp, inbound, lanes, counters)
+            read = partial(_read_lane, lanes, sender, max_delay, stop)
+            nursery.start_soon(read, lanes.first, proof)
+            async for lane in lanes.joined:  # until the tunnel ends
+                nursery.start_soon(read, lane, None)
     except* TunnelError as group:
         # One break, seen by both directions at once: the first to see it says what it was.
         first = next(leaves(group))
@@ -144,10 +149,44 @@ async def run_then(stop: Callable[[], object], run: Callable[[], Awaitable[objec
     stop()
 
 
+async def _read_lane(
+    lanes: Lanes,
+    sender: UdpSender,
+    max_delay: float,
+    stop: Callable[[], object],
+    lane: Lane,
+    proof: Proof | None,
+) -> None:
+    """Read one connection to its end: the peer closing it ends the relay. Of several, one
+    that breaks, or that the server closes before greeting it, ends alone."""
+    greeted = None if lane.usable else partial(lanes.greeted, lane)
+    try:
+        await tcp_to_udp(lane.stream, sender, max_delay, proof, greeted=greeted)
+    except TunnelError as exc:
+        if lanes.wanted > 1 and lanes.lose(lane, exc):
+            return
+        raise
+    except trio.ClosedResourceError:
+        if lane.gone:  # closed by the client, which gave up waiting for its greeting
+            return
+        raise
+    if not lane.usable:  # never greeted: not the peer ending the tunnel
+        lanes.lose(lane, TunnelError("the server closed it at once"))
+        return
+    stop()
+
+
 async def tcp_to_udp(
-    stream: trio.abc.Stream, sender: UdpSender, max_delay: float, proof: Proof | None = None
+    stream: trio.abc.Stream,
+    sender: UdpSender,
+    max_delay: float,
+    proof: Proof | None = None,
+    *,
+    greeted: Callable[[], None] | None = None,
 ) -> None:
     """Send every complete frame from the TCP stream as a UDP datagram; return at EOF.
+    With ``greeted``, the first frame must be a server's greeting (lanes.py): it is not
+    sent on, and ``greeted()`` is called.
 
     Raises:
         TunnelError: if the TCP connection breaks, or UDP sending fails for good.
@@ -159,6 +198,12 @@ async def tcp_to_udp(
     while data := await receive():
         started = time.monotonic()
         frames = decoder.feed(data)
+        if greeted is not None and frames:
+            if len(frames[0]):
+                raise TunnelError("its first frame was a datagram, not the server's greeting")
+            frames = frames[1:]
+            greeted()
+            greeted = None
         if proof:
             proof.began(data)
             if frames:
@@ -227,27 +272,29 @@ def _drop_oldest(frames: list[memoryview], excess: float, counters: Counters) ->
     return frames[count:]
 
 
-async def udp_to_tcp(inbound: Inbound, stream: trio.abc.Stream, counters: Counters) -> None:
-    """Send every datagram from ``inbound`` as frames on the TCP stream, a batch per write.
+async def udp_to_tcp(inbound: Inbound, lanes: Lanes, counters: Counters) -> None:
+    """Send every datagram from ``inbound`` as frames on a TCP connection, a batch per write.
 
     Raises:
-        TunnelError: if the TCP connection breaks.
+        TunnelError: if the TCP connection breaks (of several, if none can take a batch).
     """
     # Anonymous memory: a page costs resident memory only once a datagram lands in it, so a
     # relay that carries small datagrams (one of many flows, say) stays small.
     buffer = mmap.mmap(-1, BATCH_SIZE + HEADER.size + MAX_DATAGRAM)
     view = memoryview(buffer)
-    fd = fd_of(stream)  # a plain TCP socket: write it straight
     while True:
         end, count, emptied = inbound.drain(buffer, view)
         if end:
             try:
-                await _send_tcp(stream, fd, view[:end])
+                whole = await lanes.send(view[:end])
             except (TunnelError, trio.Cancelled):  # the batch in hand goes with the connection
                 counters.dropped_no_tunnel += count
                 raise
-            counters.udp_to_tcp_datagrams += count
-            counters.udp_to_tcp_bytes += end - HEADER.size * count
+            if whole:
+                counters.udp_to_tcp_datagrams += count
+                counters.udp_to_tcp_bytes += end - HEADER.size * count
+            else:  # with one of several connections, which broke while taking it
+                counters.dropped_no_tunnel += count
         if emptied:  # sleep until more comes; while busy, never ask epoll
             await inbound.wait()
         else:
@@ -301,24 +348,6 @@ class SocketInbound:
         await trio.lowlevel.wait_readable(self.sock)
 
 
-async def _send_tcp(stream: trio.abc.Stream, fd: int, data: memoryview) -> None:
-    """Send a batch: straight to the socket when it takes it all at once, which is the rule,
-    sparing a pass through Trio's scheduler; otherwise, or for other streams, ``send_all``."""
-    sent = 0
-    if fd >= 0:
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise TunnelError(f"TCP connection lost while sending: {exc.strerror}") from exc
-    if sent < len(data):
-        try:
-            await stream.send_all(data[sent:])
-        except trio.BrokenResourceError as exc:
-            raise lost(stream, exc, "sending") from exc
-
-
 async def discard(udp: UdpEnd, counters: Counters) -> None:
     """While no tunnel is up: take every datagram that arrives and count it as dropped, so
     that none waits to be delivered late. Runs until cancelled."""
@@ -346,13 +375,6 @@ def kernel_drops(sock: socket.socket) -> int:
     except OSError:
         return 0
     return int(_MEMINFO.unpack(meminfo)[8])
-
-
-def fd_of(stream: trio.abc.Stream) -> int:
-    """The socket's descriptor, for a plain SocketStream; -1 for any other stream. Only a
-    plain one may be read and written around Trio: under a wrapper such as TLS, the bytes
-    on the socket are the wrapper's, never the frames."""
-    return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
 
 class RawReader:

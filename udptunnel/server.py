@@ -5,19 +5,25 @@ carried, as the original did; in TLS, the first to finish its handshake (every c
 that comes meanwhile shakes hands at once, within the handshake timeout and the room for
 unproven connections). While a tunnel runs, every further client is refused at once, not
 left hanging. With ``--persist`` the server then goes back to waiting for the next client.
+
+With ``--connections N`` the tunnel's client may open further connections to each port,
+up to N in all (lanes.py): they are taken from the client's host alone, each greeted once
+it is in (after its TLS handshake, in TLS), and refused like any other past N.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import trio
 
 from .acceptance import Admission, Proof, accept_each, accept_first, refuse_all
 from .errors import TunnelError
+from .lanes import GREETING, Lanes
 from .session import Session
-from .sockets import Connections, peer, refuse, reset
+from .sockets import Connections, accept, peer, refuse, reset
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class Server:
         connect_timeout: in RTP mode with ``persist``, how long the second connection
             has to come after the first.
         persist: serve one client after another, until cancelled.
+        connections: how many connections a client may carry each port pair over.
     """
 
     def __init__(
@@ -42,8 +49,10 @@ class Server:
         keepalive: int | None,
         connect_timeout: float,
         persist: bool,
+        connections: int = 1,
     ) -> None:
         self.session, self.admission = session, admission
+        self.connections = connections
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.persist = persist
@@ -61,7 +70,7 @@ class Server:
             ):
                 async with self.session.discarding():
                     streams: list[trio.SocketStream] = []
-                    secured: list[trio.abc.Stream] = []
+                    lanes: list[Lanes] = []
                     for listeners in listener_sets:
                         # In RTP mode a persistent server gives the second connection the
                         # connect timeout to come: a stray first one must not wedge it.
@@ -69,9 +78,13 @@ class Server:
                         with trio.move_on_after(self.connect_timeout if second else math.inf):
                             raw, stream = await self._accept(connections, listeners)
                             streams.append(raw)
-                            secured.append(stream)
+                            lanes.append(Lanes(stream, wanted=self.connections))
                             for listener in listeners:
-                                refusers.start_soon(refuse_all, listener)
+                                if self.connections == 1:
+                                    refusers.start_soon(refuse_all, listener)
+                                else:
+                                    admit = partial(self._admit_lanes, connections, lanes[-1], raw)
+                                    refusers.start_soon(admit, listener)
                 if len(streams) < len(listener_sets):
                     log.warning(
                         "No second connection within %g s of %s; closing it",
@@ -83,11 +96,57 @@ class Server:
                         log.info("TCP connection from %s", peer(raw))
                     # In plain TCP, a TLS client is told at once that it is not welcome.
                     plain = self.admission.tls is None
-                    await self.session.carry(secured, [Proof(plain=plain) for _ in secured])
+                    await self.session.carry(lanes, [Proof(plain=plain) for _ in lanes])
                     served = True
                 refusers.cancel_scope.cancel(reason="the tunnel ended")
             if served and not self.persist:
                 return
+
+    async def _admit_lanes(
+        self,
+        connections: Connections,
+        lanes: Lanes,
+        first: trio.SocketStream,
+        listener: trio.SocketListener,
+    ) -> None:
+        """While the tunnel runs: take the further connections of the client of ``first``
+        from its host, up to ``--connections`` in all; refuse every other."""
+        host = first.socket.getpeername()[0]
+        coming = 0  # taken, still shaking hands
+
+        async def join(stream: trio.SocketStream) -> None:
+            nonlocal coming
+            who, secured = peer(stream), None
+            try:
+                async with self.admission.proving(stream) as proof:
+                    secured = await self.admission.secure(stream, proof)
+                    await secured.send_all(GREETING)
+            except (TunnelError, trio.BrokenResourceError) as exc:
+                log.warning("Closed TCP connection from %s: %s", who, exc)
+                reset(stream)
+                return
+            finally:
+                coming -= 1
+            if secured is None:  # too slow to shake hands: proving reset it
+                return
+            lane = lanes.join(secured, usable=True)
+            log.info("TCP connection %d of %d from %s", lane.number, lanes.wanted, who)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await accept(listener)
+                try:
+                    same = stream.socket.getpeername()[0] == host
+                except OSError:  # gone already
+                    same = False
+                if not same:
+                    refuse(stream)
+                    continue
+                if len(lanes.lanes) + coming >= lanes.wanted:
+                    refuse(stream, f"the tunnel has its {lanes.wanted} connections")
+                    continue
+                coming += 1
+                nursery.start_soon(join, connections.adopt(stream))
 
     async def _accept(
         self, connections: Connections, listeners: list[trio.SocketListener]

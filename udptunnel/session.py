@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
 
 from .counters import Counters
 from .errors import TunnelError, leaves, messages
+from .lanes import Lanes
 from .persist import end_when_idle
 from .relay import Proof, discard, run_relay, run_then
 from .sockets import UdpEnd, peer
@@ -51,10 +52,17 @@ class Session:
         self.idle_timeout = idle_timeout
         self.persist = persist
 
-    async def carry(self, streams: list[trio.abc.Stream], proofs: Sequence[Proof]) -> str:
-        """Run the relays over ``streams`` until the tunnel ends; ``proofs``, one per
-        stream, are told of each connection's first bytes and frame, and asked what a
-        failure before them means.
+    async def carry(
+        self,
+        lanes: list[Lanes],
+        proofs: Sequence[Proof],
+        *,
+        alongside: Sequence[Callable[[], Awaitable[object]]] = (),
+    ) -> str:
+        """Run the relays, one per port pair over its connections (``lanes``), until the
+        tunnel ends; ``proofs``, one per port pair, are told of its first connection's
+        first bytes and frame, and asked what a failure before them means. The tasks
+        ``alongside`` run as long as the tunnel does.
 
         Returns:
             Why it ended: "closed" by a peer, "idle" past the idle timeout, or "lost"
@@ -65,7 +73,7 @@ class Session:
         """
         counters = self.counters
         counters.tunnels += 1
-        counters.state = "tunnel up with " + ", ".join(map(_peer, streams))
+        counters.state = "tunnel up with " + ", ".join(_peer(each.first.stream) for each in lanes)
         ended = "closed"
         try:
             async with trio.open_nursery() as nursery:
@@ -78,7 +86,9 @@ class Session:
                 if idle := self.idle_timeout:
                     watch = partial(end_when_idle, lambda: counters.traffic, idle, end_idle)
                     nursery.start_soon(watch)
-                await self._run_relays(streams, proofs)
+                for task in alongside:
+                    nursery.start_soon(task)
+                await self._run_relays(lanes, proofs)
                 nursery.cancel_scope.cancel(reason="the tunnel ended")
         except* TunnelError as group:
             # One break, seen by each port pair at once (a refused RTP client's two
@@ -90,16 +100,16 @@ class Session:
             ended = "lost"
         return ended
 
-    async def _run_relays(self, streams: list[trio.abc.Stream], proofs: Sequence[Proof]) -> None:
+    async def _run_relays(self, lanes: list[Lanes], proofs: Sequence[Proof]) -> None:
         """Run every relay; the first whose peer closes ends them all. Logs the summary."""
         try:
             async with trio.open_nursery() as nursery:
                 stop = partial(
                     nursery.cancel_scope.cancel, reason="a TCP peer closed the connection"
                 )
-                for stream, udp, proof in zip(streams, self.udps, proofs, strict=True):
+                for each, udp, proof in zip(lanes, self.udps, proofs, strict=True):
                     relay = partial(
-                        run_relay, stream, udp, self.counters, max_delay=self.max_delay, proof=proof
+                        run_relay, each, udp, self.counters, max_delay=self.max_delay, proof=proof
                     )
                     nursery.start_soon(run_then, stop, relay)
         finally:

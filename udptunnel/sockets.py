@@ -421,6 +421,13 @@ def reset(stream: trio.SocketStream, last_words: bytes = b"") -> None:
     stream.socket.close()
 
 
+def fd_of(stream: trio.abc.Stream) -> int:
+    """The socket's descriptor, for a plain SocketStream; -1 for any other stream. Only a
+    plain one may be read and written around Trio: under a wrapper such as TLS, the bytes
+    on the socket are the wrapper's, never the frames."""
+    return stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+
+
 def peer(stream: trio.SocketStream) -> str:
     """The peer as ``host/port``; ``?`` if it is already gone."""
     try:

@@ -116,6 +116,7 @@ async def run_tunnel(
                 keepalive=config.keepalive,
                 connect_timeout=config.connect_timeout,
                 persist=config.persist,
+                connections=config.connections,
             )
             async with contextlib.AsyncExitStack() as stack:
                 listener_sets = await open_listeners(
@@ -136,6 +137,7 @@ async def run_tunnel(
             keepalive=config.keepalive,
             connect_timeout=config.connect_timeout,
             reconnect_max=config.reconnect_max,
+            connections=config.connections,
         )
         if config.persist:
             task_status.started(Ready([[] for _ in plans], udp_addresses))
