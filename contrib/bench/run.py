@@ -8,7 +8,9 @@ and drives each subject through the same scenarios, in the same run:
 - ``ours``: this repository's udptunnel (the virtual environment's console script), the same
   command lines;
 - ``ours+squid``: ours, its client's TCP through squid (HTTP CONNECT, Basic authentication)
-  in tunB, in the scenarios made for it, beside ``ours`` without a proxy.
+  in tunB, in the scenarios made for it, beside ``ours`` without a proxy;
+- ``ours+conns``: ours with ``--connections N`` on both ends (the resilience of issue 13),
+  in the ``wan-*`` scenarios, beside ``ours`` with one connection.
 
 The ``wan-*`` scenarios put an emulated WAN between tunA and tunB: a fifth namespace, ``wan``,
 whose delay line (delayline.c beside this file, built like udpload) holds every frame for
@@ -74,7 +76,11 @@ DELAYLINE = BUILD / "delayline"
 OURS = str(Path(sys.executable).parent / "udptunnel")  # the console script, as users run it
 ORIGINAL = "/usr/bin/udptunnel"  # Debian's package udptunnel
 PROXIED = report.PROXIED  # ours, its client through squid
-SUBJECTS = ("kernel", "original", "ours", PROXIED)
+RESILIENT = report.RESILIENT  # ours over several TCP connections
+SUBJECTS = ("kernel", "original", "ours", PROXIED, RESILIENT)
+# --connections of RESILIENT, chosen by measurement (wan-resilience.md: N = 2, 3, 4 and 6
+# at 20 and 80 ms RTT with 1% loss, both loads).
+CONNECTIONS = 4
 
 TCP_PORT = 6000
 PORT_A = 5000  # appA's port; tunA's end receives on it and sends to appA on it
@@ -171,6 +177,8 @@ class Scenario:
         """Whether ``subject`` has a row in this scenario."""
         if subject == PROXIED:
             return self.proxied
+        if subject == RESILIENT:
+            return self.wan is not None
         if self.tunnels_only and subject == "kernel":
             return False
         return not (self.ours_only and subject != "ours")
@@ -402,18 +410,22 @@ class Child:
         self.lines.append(line)
         return line
 
-    def wait_for(self, pattern: str, timeout: float = WAIT) -> str:
-        """Wait for a line of output matching ``pattern``; RuntimeError if none comes."""
+    def wait_for(self, pattern: str, timeout: float = WAIT, count: int = 1) -> str:
+        """Wait for the ``count``-th line of output matching ``pattern`` (counting those
+        already read); RuntimeError if it does not come."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        for line in self.lines:
-            if regex.search(line):
-                return line
-        while (left := deadline - time.monotonic()) > 0:
+        found = [line for line in self.lines if regex.search(line)]
+        while len(found) < count and (left := deadline - time.monotonic()) > 0:
             line = self.next_line(left)
             if line is not None and regex.search(line):
-                return line
-        raise RuntimeError(f"{self.describe()}: no {pattern!r} in {timeout} s: {self.output()}")
+                found.append(line)
+        if len(found) < count:
+            raise RuntimeError(
+                f"{self.describe()}: {len(found)} of {count} {pattern!r} in {timeout} s: "
+                f"{self.output()}"
+            )
+        return found[count - 1]
 
     def send(self, text: str) -> None:
         assert self.proc.stdin is not None
@@ -611,6 +623,7 @@ def start_tunnels(
     flows: bool = False,
     tls: Path | None = None,
     proxy: Sequence[str] = (),
+    connections: int = 1,
 ) -> Tunnels:
     """Server end in tunA, client end in tunB, as in tests/test_netns.py; ready to relay.
 
@@ -621,9 +634,11 @@ def start_tunnels(
     from ``make_certificates``, ours only), the connection is TLS 1.3 with mutual
     authentication. With ``proxy`` (options from ``start_squid``, ours only), the client
     connects through squid, and the server must see the connection come from squid's
-    address: nothing went around the proxy.
+    address: nothing went around the proxy. With ``connections`` over 1 (ours only), both
+    ends run with ``--connections``, and ready means every connection is up.
     """
     mode = ["--flows"] if flows else []
+    lanes = ["--connections", str(connections)] if connections > 1 else []
     server_tls, client_tls = [], []
     if tls:
         server_tls = ["--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key")]
@@ -632,7 +647,8 @@ def start_tunnels(
         client_tls += ["--tls-cert", str(tls / "client.pem"), "--tls-key", str(tls / "client.key")]
     serve = ["-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"]
     server = children.spawn(
-        [*chain.tun_a.prefix, *pin, program, "-v", *mode, *server_tls, *serve], read="stderr"
+        [*chain.tun_a.prefix, *pin, program, "-v", *mode, *lanes, *server_tls, *serve],
+        read="stderr",
     )
     server.wait_for(rf"Listening for TCP connections on port {TCP_PORT}( \(flows\))?$")
     client = children.spawn(
@@ -641,6 +657,7 @@ def start_tunnels(
             *pin,
             program,
             "-v",
+            *lanes,
             *([*mode, "--udp-bind", f"{TUN_B_LAN}/{PORT_B}"] if flows else []),
             *client_tls,
             *proxy,
@@ -657,6 +674,10 @@ def start_tunnels(
     client.wait_for(rf"Connected TCP to {re.escape(TUN_A_WAN)}/{TCP_PORT}{via}$")
     peer = SQUID_OUT if proxy else TUN_B_WAN
     server.wait_for(rf"TCP connection from {re.escape(peer)}/\d+$")
+    if connections > 1:  # the further ones, taken by the server and greeted on the client
+        further = connections - 1
+        server.wait_for(rf"TCP connection \d+ of {connections} from ", count=further)
+        client.wait_for(rf"TCP connection \d+ of {connections} up$", count=further)
     chain.tun_a.wait_udp_bound(PORT_A, WAIT)
     chain.tun_b.wait_udp_bound(PORT_B, WAIT)
     return Tunnels(server, client)
@@ -737,8 +758,13 @@ class Options:
     tmp: Path
     subjects: list[str]
     wan_tuning: str = "none"
+    connections: int = CONNECTIONS  # of RESILIENT
+    lengths: dict[str, float] = field(default_factory=dict)  # --seconds: pattern -> seconds
 
     def seconds(self, scenario: Scenario) -> float:
+        for pattern, seconds in self.lengths.items():
+            if fnmatch.fnmatchcase(scenario.name, pattern):
+                return seconds
         base = scenario.quick_seconds if self.quick else scenario.seconds
         return max(base * self.scale, scenario.minimum if not self.quick else 0.0, 0.5)
 
@@ -827,6 +853,8 @@ def run_case(
     seconds = options.seconds(scenario)
     tag = f"{scenario.name}-{subject}" + (f"-{flows[0].rate:g}" if scenario.kind == "sweep" else "")
     case: dict[str, Any] = {"seconds": seconds}
+    if subject == RESILIENT:
+        case["connections"] = options.connections
     with contextlib.ExitStack() as stack:
         children = stack.enter_context(Children())
         tunnels = squid = delay = None
@@ -844,8 +872,16 @@ def run_case(
             if subject == PROXIED:
                 squid, proxy = start_squid(children, stack, chain, options.tmp)
             pin = options.pin_tunnel()
+            connections = options.connections if subject == RESILIENT else 1
             tunnels = start_tunnels(
-                children, chain, program, pin, flows=flow_mode, tls=tls, proxy=proxy
+                children,
+                chain,
+                program,
+                pin,
+                flows=flow_mode,
+                tls=tls,
+                proxy=proxy,
+                connections=connections,
             )
         loads = start_load(
             children, chain, subject, flows, seconds, options, tag, scenario.drain_idle_ms
@@ -1158,6 +1194,23 @@ def run_sweep(chain: Chain, names: list[str], options: Options, results: dict[st
             point[subject] = case
 
 
+def parse_lengths(text: str) -> dict[str, float]:
+    """``--seconds``: 'PATTERN=S,PATTERN=S' as {pattern: seconds}, each pattern a scenario's."""
+    lengths = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, _, seconds = item.rpartition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = 0.0
+        if not pattern or not value > 0:
+            raise click.BadParameter(f"{item!r} is not PATTERN=SECONDS", param_hint="--seconds")
+        if not fnmatch.filter(NAMES, pattern):
+            raise click.BadParameter(f"no scenario matches {pattern!r}", param_hint="--seconds")
+        lengths[pattern] = value
+    return lengths
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="Short runs (long scenarios ~5 s): a smoke test.")
 @click.option(
@@ -1169,7 +1222,8 @@ def run_sweep(chain: Chain, names: list[str], options: Options, results: dict[st
     "--subjects",
     default=",".join(SUBJECTS),
     show_default=True,
-    help=f"Which of {', '.join(SUBJECTS)} to measure ({PROXIED}: in proxy-* scenarios).",
+    help=f"Which of {', '.join(SUBJECTS)} to measure ({PROXIED}: in proxy-* scenarios; "
+    f"{RESILIENT}: in wan-*).",
 )
 @click.option(
     "--duration",
@@ -1201,6 +1255,21 @@ def run_sweep(chain: Chain, names: list[str], options: Options, results: dict[st
     show_default=True,
     help="Kernel settings in tunA and tunB for the wan-* scenarios (WAN_TUNINGS in run.py).",
 )
+@click.option(
+    "--connections",
+    type=click.IntRange(2, 16),
+    default=CONNECTIONS,
+    show_default=True,
+    metavar="N",
+    help=f"{RESILIENT}: ours with --connections N on both ends, in the wan-* scenarios.",
+)
+@click.option(
+    "--seconds",
+    "lengths",
+    metavar="PATTERN=S[,...]",
+    help="Send for S seconds in the scenarios matching PATTERN, whatever --quick and "
+    "--duration say ('wan-rtp50-*=60': a p99 of 50/s needs a long run).",
+)
 @click.option("--check", is_flag=True, help="Exit 1 if any target of issue 3 fails.")
 def main(
     quick: bool,
@@ -1210,6 +1279,8 @@ def main(
     json_path: Path,
     pin: str,
     wan_tuning: str,
+    connections: int,
+    lengths: str | None,
     check: bool,
 ) -> None:
     """Benchmark our udptunnel against Debian's original and the bare kernel path."""
@@ -1225,6 +1296,7 @@ def main(
         if subject not in SUBJECTS:
             raise click.BadParameter(f"unknown subject {subject!r}", param_hint="--subjects")
     chosen_subjects = [s for s in SUBJECTS if s in chosen_subjects]  # kernel first: the ceiling
+    seconds_for = parse_lengths(lengths or "")
     if os.geteuid() != 0 or shutil.which("ip") is None:
         raise click.ClickException("needs root and iproute2 (it builds network namespaces)")
     if "original" in chosen_subjects and not os.access(ORIGINAL, os.X_OK):
@@ -1243,7 +1315,9 @@ def main(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     BUILD.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BUILD, prefix="run-") as tmp:
-        options = Options(quick, scale, pin, Path(tmp), chosen_subjects, wan_tuning)
+        options = Options(
+            quick, scale, pin, Path(tmp), chosen_subjects, wan_tuning, connections, seconds_for
+        )
         results = run_all(options, names)
     results["machine"] = info
     results["options"] = {
@@ -1251,11 +1325,14 @@ def main(
         "duration_scale": scale,
         "pin": pin,
         "wan_tuning": wan_tuning,
+        "connections": connections,
+        "seconds": seconds_for,
         "subjects": chosen_subjects,
         "scenarios": names,
         "wall_s": round(time.monotonic() - started, 1),
     }
     results["targets"] = report.targets(results)
+    results["wan_targets"] = report.wan_targets(results)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     print(report.header(info, quick, pin))
@@ -1264,6 +1341,8 @@ def main(
         print(report.wan_text(results["wan"]))
     plot = report.plot(results, BUILD / "latency.png")
     print(report.targets_text(results["targets"]))
+    if results["wan"]:
+        print(report.targets_text(results["wan_targets"], "issue 13 (Done when)"))
     print(f"\nJSON: {json_path}   plot: {plot}   wall time: {results['options']['wall_s']} s")
     if check and any(t["status"] == "FAIL" for t in results["targets"]):
         sys.exit(1)
