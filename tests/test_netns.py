@@ -178,35 +178,52 @@ def check_arrivals(leg: Leg, sent: Sequence[bytes], arrivals: Sequence[Arrival])
 
 # --- our tunnel and Debian's original, in the chain appA -- tunA -- tunB -- appB -------------
 
+ORIGINAL_TOO = pytest.mark.original
 PAIRS = [
-    pytest.param(UDPTUNNEL, ORIGINAL, marks=pytest.mark.original, id="ours-server-original-client"),
-    pytest.param(ORIGINAL, UDPTUNNEL, marks=pytest.mark.original, id="original-server-ours-client"),
-    pytest.param(UDPTUNNEL, UDPTUNNEL, id="ours-both"),
+    pytest.param(UDPTUNNEL, ORIGINAL, 1, marks=ORIGINAL_TOO, id="ours-server-original-client"),
+    pytest.param(ORIGINAL, UDPTUNNEL, 1, marks=ORIGINAL_TOO, id="original-server-ours-client"),
+    pytest.param(UDPTUNNEL, UDPTUNNEL, 1, id="ours-both"),
+    # --connections on our end only: the original knows nothing of it, and need not.
+    pytest.param(UDPTUNNEL, ORIGINAL, 3, marks=ORIGINAL_TOO, id="ours-server-3-original-client"),
+    pytest.param(ORIGINAL, UDPTUNNEL, 3, marks=ORIGINAL_TOO, id="original-server-ours-client-3"),
+    pytest.param(UDPTUNNEL, UDPTUNNEL, 3, id="ours-both-3"),
 ]
 
 
 @pytest.mark.root
-@pytest.mark.parametrize(("server_program", "client_program"), PAIRS)
+@pytest.mark.parametrize(("server_program", "client_program", "connections"), PAIRS)
 def test_chain(
-    chain: Chain, spawn: Spawn, deadline: Deadline, server_program: str, client_program: str
+    chain: Chain,
+    spawn: Spawn,
+    deadline: Deadline,
+    server_program: str,
+    client_program: str,
+    connections: int,
 ) -> None:
-    """1000 datagrams each way between appA and appB, byte for byte and in order.
+    """1000 datagrams each way between appA and appB, byte for byte and in order (over
+    several connections, in order within each window).
 
     The server end runs in tunA, the client end in tunB. Each end receives on every address
     at its UDP port and sends to its application from an ephemeral port, so appA sends to
-    tunA's LAN address at PORT_A and receives from tunA, and likewise for appB.
+    tunA's LAN address at PORT_A and receives from tunA, and likewise for appB. Ours is
+    given ``--connections``; the original at the other end must not notice.
     """
+
+    def argv(program: str, *args: str) -> list[str]:
+        more = ["--connections", str(connections)] if program == UDPTUNNEL else []
+        return [program, "-v", *more, *args]
+
     with (
         chain.app_a.open_udp_socket(APP_A, PORT_A, timeout=WAIT) as app_a,
         chain.app_b.open_udp_socket(APP_B, PORT_B, timeout=WAIT) as app_b,
     ):
         server = spawn(
-            [server_program, "-v", "-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"],
+            argv(server_program, "-s", str(TCP_PORT), f"{APP_A}/{PORT_A}"),
             prefix=chain.tun_a.prefix,
         )
         server.wait_for(rf"^Listening for TCP connections on port {TCP_PORT}$")
         client = spawn(
-            [client_program, "-v", "-c", f"{TUN_A_WAN}/{TCP_PORT}", f"{APP_B}/{PORT_B}"],
+            argv(client_program, "-c", f"{TUN_A_WAN}/{TCP_PORT}", f"{APP_B}/{PORT_B}"),
             prefix=chain.tun_b.prefix,
         )
         client.wait_for(rf"^Connected TCP to {re.escape(TUN_A_WAN)}/{TCP_PORT}$")
@@ -221,8 +238,10 @@ def test_chain(
         # arrive together wait for more TCP data, and the last ones never come out. Where it
         # is the TCP-to-UDP end, send in lockstep, or this would measure that defect rather
         # than whether the two programs understand each other. Ours takes bursts.
-        a_send = send_lockstep if client_program == ORIGINAL else send_windows
-        b_send = send_lockstep if server_program == ORIGINAL else send_windows
+        # Over several connections, datagrams sent together may pass each other: lockstep.
+        spread = connections > 1 and server_program == client_program == UDPTUNNEL
+        a_send = send_lockstep if client_program == ORIGINAL or spread else send_windows
+        b_send = send_lockstep if server_program == ORIGINAL or spread else send_windows
         a_send(a_to_b, datagrams(COUNT, seed=1), deadline)
         b_send(b_to_a, datagrams(COUNT, seed=2), deadline)
 
