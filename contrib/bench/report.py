@@ -321,8 +321,7 @@ def wan_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "sent": total["sent"],
                     "loss_pct": total["loss_pct"],
                     **{k: total[k] for k in ("p50_ms", "p99_ms", "max_ms")},
-                    "added_p50_ms": total["added_p50_ms"],
-                    "added_p99_ms": total["added_p99_ms"],
+                    **{f"added_p{q}_ms": total[f"added_p{q}_ms"] for q in (50, 90, 95, 98, 99)},
                     "dropped": total["dropped_by_tunnel"] + total["dropped_by_kernel"],
                     "unaccounted": total["unaccounted"],
                 }

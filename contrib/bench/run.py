@@ -945,7 +945,7 @@ def run_case(
     }
     analyse(case, flows, loads)
     if scenario.wan:  # what the tunnel added to the path's own delay
-        for key in ("p50_ms", "p99_ms"):
+        for key in ("p50_ms", "p90_ms", "p95_ms", "p98_ms", "p99_ms"):
             value = case["total"][key]
             added = None if value is None else value - case["wan"]["one_way_ms"]
             case["total"][f"added_{key}"] = added
