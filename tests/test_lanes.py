@@ -7,14 +7,24 @@ this process that can end any connection it carries, by a reset or by an orderly
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
+import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
+from udptunnel.errors import TunnelError
+from udptunnel.framing import encode
+from udptunnel.lanes import Lanes
+
 from .conftest import UDPTUNNEL, WAIT, Process, free_port, udp_socket
 from .test_e2e import Pair, start_pair
+from .test_relay import tcp_pair
+from .test_tls import Pki, pki  # noqa: F401 (a fixture)
 
 LOOPBACK = "127.0.0.1"
 Spawn = type[Process]
@@ -22,8 +32,9 @@ COUNT = 300  # datagrams each way
 RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close with a reset
 
 
-def cross(pair: Pair, count: int = COUNT) -> None:
-    """``count`` datagrams each way, each one waited for: all arrive, as sent."""
+def cross(pair: Pair, count: int = COUNT, *, noise: bytes | None = None) -> None:
+    """``count`` datagrams each way, each one waited for: all arrive, as sent. Datagrams
+    that begin with ``noise`` (left from a flood) are passed over."""
     for sender, receiver, entry in (
         (pair.app_b, pair.app_a, pair.client_in),
         (pair.app_a, pair.app_b, pair.server_in),
@@ -32,7 +43,10 @@ def cross(pair: Pair, count: int = COUNT) -> None:
         got = set()
         for datagram in sent:
             sender.sendto(datagram, entry)
-            got.add(receiver.recv(100))
+            came = receiver.recv(65536)
+            while noise is not None and came.startswith(noise):
+                came = receiver.recv(65536)
+            got.add(came)
         assert got == sent
 
 
@@ -73,36 +87,69 @@ def test_a_client_that_asks_alone_carries_on_over_one(spawn: Spawn) -> None:
 
 
 class Cutter:
-    """A TCP relay from a port of its own to ``target``, which can break what it carries."""
+    """A TCP relay from a port of its own to ``target``, which can break what it carries:
+    the connections numbered in ``reset_at_once`` (from 0, in order of arrival) are reset
+    as soon as they come, and those in ``hold`` get nothing from the target for so many
+    seconds."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        reset_at_once: frozenset[int] = frozenset(),
+        hold: dict[int, float] | None = None,
+    ) -> None:
         self.target = target
+        self.reset_at_once, self.hold = reset_at_once, hold or {}
         self.listener = socket.create_server((LOOPBACK, 0))
         self.port = self.listener.getsockname()[1]
         self.carried: list[tuple[socket.socket, socket.socket]] = []
         self.resetting: set[socket.socket] = set()
         self.lock = threading.Lock()
+        self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):  # closed: the test is over
-            while True:
+            for index in itertools.count():
                 near, _ = self.listener.accept()
+                if self.closed:
+                    near.close()
+                    return
+                if index in self.reset_at_once:
+                    near.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                    near.close()
+                    continue
                 far = socket.create_connection(self.target)
                 with self.lock:
                     self.carried.append((near, far))
-                for one, other in ((near, far), (far, near)):
-                    threading.Thread(target=self._pipe, args=(one, other), daemon=True).start()
+                hold = self.hold.get(index, 0.0)
+                for one, other, wait in ((near, far, 0.0), (far, near, hold)):
+                    pipe = threading.Thread(target=self._pipe, args=(one, other, wait))
+                    pipe.daemon = True
+                    pipe.start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
+    def _pipe(self, source: socket.socket, sink: socket.socket, hold: float) -> None:
+        try:
+            time.sleep(hold)  # the behaviour under test: an answer that comes this late
             while data := source.recv(65536):
                 sink.sendall(data)
-            if source in self.resetting:  # woken by cut(): no FIN, the close resets
-                source.close()
-                sink.close()
-            else:
+        except OSError:  # a reset at one end: passed on to the other
+            self.resetting.update((source, sink))
+        if source not in self.resetting:
+            with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+            return
+        # Woken by cut(), or reset at one end: a reset at both, no FIN. The other
+        # direction's thread may be reading one of them: a shutdown wakes it, and the
+        # last close of each, by either thread, sends its reset.
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):  # closed already, by the other direction
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                self.resetting.add(sock)
+                sock.shutdown(socket.SHUT_RD)
+        for sock in (source, sink):
+            sock.close()
 
     def cut(self, index: int, *, reset: bool) -> None:
         """End the ``index``th connection both ways: with a reset, or in order (FIN). A
@@ -111,14 +158,16 @@ class Cutter:
         with self.lock:
             near, far = self.carried[index]
         for sock in (near, far):
-            if reset:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-                self.resetting.add(sock)
-                sock.shutdown(socket.SHUT_RD)
-            else:
-                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # ended already
+                if reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+                    self.resetting.add(sock)
+                    sock.shutdown(socket.SHUT_RD)
+                else:
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        self.closed = True
         self.listener.close()
         with self.lock:
             for pair in self.carried:
@@ -127,26 +176,67 @@ class Cutter:
 
 
 @contextlib.contextmanager
-def through_cutter(spawn: Spawn) -> Iterator[tuple[Pair, Cutter]]:
-    """A server and a client with --connections 3, the client connected through a Cutter."""
+def rig(
+    spawn: Spawn,
+    server: Sequence[str] = ("--connections", "3"),
+    client: Sequence[str] = ("--connections", "3"),
+    *,
+    cutter: dict[str, Any] | None = None,
+    up: str = "TCP connection 3 of 3 up",
+) -> Iterator[tuple[Pair, Cutter | None, int]]:
+    """A server and a client with these flags, the client through a Cutter made with
+    ``cutter`` if given; once the client logs ``up``. Yields the pair, the cutter and the
+    server's TCP port."""
     tcp, a, a_in, b, b_in = (free_port() for _ in range(5))
-    more = ["--connections", "3"]
-    server = spawn(
-        [UDPTUNNEL, "-v", *more, "--udp-bind", f"{LOOPBACK}/{a_in}", "-s", f"{LOOPBACK}/{tcp}",
-         f"{LOOPBACK}/{a}"]
+    server_end = spawn(
+        [UDPTUNNEL, "-v", *server, "--udp-bind", f"{LOOPBACK}/{a_in}", "-s",
+         f"{LOOPBACK}/{tcp}", f"{LOOPBACK}/{a}"]
     )  # fmt: skip
-    server.wait_for("Listening for TCP connections on port")
-    cutter = Cutter((LOOPBACK, tcp))
-    client = spawn(
-        [UDPTUNNEL, "-v", *more, "--udp-bind", f"{LOOPBACK}/{b_in}", "-c",
-         f"{LOOPBACK}/{cutter.port}", f"{LOOPBACK}/{b}"]
+    server_end.wait_for("Listening for TCP connections on port")
+    relay = None if cutter is None else Cutter((LOOPBACK, tcp), **cutter)
+    port = tcp if relay is None else relay.port
+    client_end = spawn(
+        [UDPTUNNEL, "-v", *client, "--udp-bind", f"{LOOPBACK}/{b_in}", "-c",
+         f"{LOOPBACK}/{port}", f"{LOOPBACK}/{b}"]
     )  # fmt: skip
     try:
-        client.wait_for("TCP connection 3 of 3 up")
+        client_end.wait_for(up)
         with udp_socket(LOOPBACK, a) as app_a, udp_socket(LOOPBACK, b) as app_b:
-            yield Pair(server, client, app_a, app_b, (LOOPBACK, a_in), (LOOPBACK, b_in)), cutter
+            ends = Pair(server_end, client_end, app_a, app_b, (LOOPBACK, a_in), (LOOPBACK, b_in))
+            yield ends, relay, tcp
     finally:
-        cutter.close()
+        if relay is not None:
+            relay.close()
+
+
+@contextlib.contextmanager
+def through_cutter(spawn: Spawn) -> Iterator[tuple[Pair, Cutter]]:
+    """A server and a client with --connections 3, the client connected through a Cutter."""
+    with rig(spawn, cutter={}) as (pair, cutter, _):
+        assert cutter is not None
+        yield pair, cutter
+
+
+def alive(pair: Pair, *, noise: bytes | None = None) -> None:
+    """Both ends still run, have printed no traceback, and carry datagrams both ways."""
+    cross(pair, 20, noise=noise)
+    assert pair.client.proc.poll() is None and pair.server.proc.poll() is None
+    assert "Traceback" not in pair.client.stderr + pair.server.stderr
+
+
+def discard(sock: socket.socket, done: threading.Event) -> None:
+    """Read and drop what comes to ``sock`` until ``done``."""
+    sock.settimeout(0.05)
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            sock.recv(65536)
+    sock.settimeout(WAIT)
+
+
+def reset_at_once(port: int, source: str = LOOPBACK) -> None:
+    """Connect to ``port`` and close with a reset."""
+    with socket.create_connection((LOOPBACK, port), WAIT, (source, 0)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["the-first", "a-further-one"])
@@ -163,27 +253,43 @@ def test_a_broken_connection_is_replaced_and_the_tunnel_goes_on(spawn: Spawn, wh
     assert "Traceback" not in pair.client.stderr + pair.server.stderr
 
 
-def test_an_orderly_close_of_any_connection_ends_the_tunnel(spawn: Spawn) -> None:
-    """The peer closing one connection is the peer ending the tunnel, as with one."""
+def test_an_orderly_close_ends_one_connection_and_of_all_the_tunnel(spawn: Spawn) -> None:
+    """A peer that ends the tunnel closes every connection: only then does it end here.
+    One closed alone (a hostile neighbour's, say) is only replaced."""
     with through_cutter(spawn) as (pair, cutter):
         cross(pair, 10)
         cutter.cut(2, reset=False)
+        pair.client.wait_for(r"^TCP connection \d of 3 closed by the peer; 2 carry on$")
+        pair.server.wait_for(r"^TCP connection \d of 3 closed by the peer; 2 carry on$")
+        pair.client.wait_for(r"TCP connection \d of 3 up", nth=3)  # the replacement
+        cross(pair, 10)
+        with cutter.lock:
+            count = len(cutter.carried)
+        for index in range(count):  # the replacement too, wherever it came in the order
+            cutter.cut(index, reset=False)
         assert pair.client.wait() == 0, pair.client.stderr
         assert pair.server.wait() == 0, pair.server.stderr
+    assert not [line for line in pair.client.lines if line.startswith("udptunnel: ")]
+
+
+def is_reset(port: int, source: str = LOOPBACK) -> bool:
+    """Whether a connection to ``port`` from ``source`` is reset, as it is made (a reset
+    can beat connect's return) or at the first read."""
+    try:
+        with socket.create_connection((LOOPBACK, port), WAIT, (source, 0)) as sock:
+            return sock.recv(1) == b"" and False
+    except ConnectionResetError:
+        return True
 
 
 def test_only_the_clients_host_adds_connections_and_no_more_than_asked(three: Pair) -> None:
     tcp_port = int(three.server.wait_for(r"Listening for TCP connections on port (\d+)")[1])
-    with socket.create_connection((LOOPBACK, tcp_port), WAIT) as fourth:
-        three.server.wait_for(
-            r"Refused TCP connection from 127\.0\.0\.1/\d+: the tunnel has its 3 connections"
-        )
-        with pytest.raises(ConnectionResetError):
-            fourth.recv(1)
-    with socket.create_connection((LOOPBACK, tcp_port), WAIT, ("127.0.0.2", 0)) as stranger:
-        three.server.wait_for(r"Refused TCP connection from 127\.0\.0\.2/\d+: tunnel busy")
-        with pytest.raises(ConnectionResetError):
-            stranger.recv(1)
+    assert is_reset(tcp_port)
+    three.server.wait_for(
+        r"Refused TCP connection from 127\.0\.0\.1/\d+: the tunnel has its 3 connections"
+    )
+    assert is_reset(tcp_port, "127.0.0.2")
+    three.server.wait_for(r"Refused TCP connection from 127\.0\.0\.2/\d+: tunnel busy")
     cross(three, 10)
 
 
@@ -194,3 +300,117 @@ def test_flow_mode_does_not_take_connections(spawn: Spawn) -> None:
         "udptunnel: --connections does not combine with flow mode (--flows): each flow has a "
         "connection of its own"
     ]
+
+
+# Found by attacking --connections (each was a crash, a stall or a wrong end before).
+
+
+async def test_a_batch_with_no_connection_left_is_a_lost_tunnel_not_a_crash() -> None:
+    """The writer, woken by a datagram just as the last connection was lost, found none
+    left to pick: an IndexError ended the process, --persist or not (found under a flood
+    with every connection reset again and again)."""
+    first, first_peer = await tcp_pair()
+    second, second_peer = await tcp_pair()
+    async with first, first_peer, second, second_peer:
+        lanes = Lanes(first, wanted=2)
+        lane = lanes.join(second, usable=True)
+        assert lanes.lose(lane, TunnelError("reset"))  # one of two: the other carries on
+        assert not lanes.lose(lanes.first, TunnelError("reset"))  # the last: tunnel lost
+        with pytest.raises(TunnelError, match="no TCP connection left"):
+            await lanes.send(memoryview(encode(b"late")))
+
+
+def test_a_newcomer_that_resets_at_once_ends_alone(spawn: Spawn) -> None:
+    """A connection from the client's host, in a free slot, reset as soon as made: it was
+    an ExceptionGroup that ended the server."""
+    with rig(spawn, ("--connections", "4"), ("--connections", "2"), up="2 of 2 up") as (
+        pair,
+        _,
+        tcp,
+    ):
+        for _ in range(20):
+            reset_at_once(tcp)
+        alive(pair)
+
+
+def test_a_first_connection_reset_before_it_is_taken_ends_nothing(spawn: Spawn) -> None:
+    """It was "Transport endpoint is not connected" and exit 1, even with --persist."""
+    tcp, app = free_port(), free_port()
+    server = spawn(
+        [UDPTUNNEL, "-v", "--persist", "--connections", "3", "--udp-bind",
+         f"{LOOPBACK}/{free_port()}", "-s", f"{LOOPBACK}/{tcp}", f"{LOOPBACK}/{app}"]
+    )  # fmt: skip
+    server.wait_for("Listening for TCP connections on port")
+    for nth in range(1, 11):
+        reset_at_once(tcp)
+        server.wait_for("Tunnel lost: |TCP connection closed by the peer", nth=nth)
+    assert server.proc.poll() is None, server.stderr
+    assert "Transport endpoint" not in server.stderr and "Traceback" not in server.stderr
+
+
+def test_a_client_without_a_certificate_at_a_mutual_tls_server_ends_alone(
+    spawn: Spawn,
+    pki: Pki,  # noqa: F811
+) -> None:
+    """It was "TLS handshake failed: the client sent no certificate" and exit 1: anyone
+    could end the tunnel."""
+    ca = str(pki.ca[0])
+    server = ["--connections", "4", "--tls-cert", str(pki.server[0]), "--tls-key",
+              str(pki.server[1]), "--tls-ca", ca]  # fmt: skip
+    client = ["--connections", "2", "--tls", "--tls-ca", ca, "--tls-cert", str(pki.client[0]),
+              "--tls-key", str(pki.client[1])]  # fmt: skip
+    with rig(spawn, server, client, up="2 of 2 up") as (pair, _, tcp):
+        context = ssl.create_default_context(cafile=ca)
+        for _ in range(3):
+            with (
+                socket.create_connection((LOOPBACK, tcp), WAIT) as raw,
+                contextlib.suppress(OSError),  # refused: an alert, or a reset
+                context.wrap_socket(raw, server_hostname=LOOPBACK) as tls,
+            ):
+                tls.recv(1)
+        pair.server.wait_for("Closed TCP connection from .*: .*certificate", nth=3)
+        alive(pair)
+
+
+def test_a_connection_whose_peer_reads_nothing_does_not_stall_the_others(spawn: Spawn) -> None:
+    """A connection from the client's host that takes a free slot and never reads: once its
+    window is shut it is passed over. It was chosen first (nothing in flight) and held
+    the direction for good."""
+    with (
+        rig(spawn, ("--connections", "3"), ("--connections", "2"), up="2 of 2 up") as (
+            pair,
+            _,
+            tcp,
+        ),
+        socket.create_connection((LOOPBACK, tcp), WAIT) as silent,
+    ):
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        pair.server.wait_for(r"TCP connection 3 of 3 from")
+        done = threading.Event()
+        drain = threading.Thread(target=discard, args=(pair.app_b, done), daemon=True)
+        drain.start()  # so that the flood does not fill appB's own queue
+        for _ in range(1000):  # 1 MB toward the client: more than the silent one holds
+            pair.app_a.sendto(b"flood" + bytes(1000), pair.server_in)
+        done.set()
+        drain.join()
+        alive(pair, noise=b"flood")
+
+
+def test_a_further_connection_reset_once_is_tried_again(spawn: Spawn) -> None:
+    """One early failure made the client give up its further connections for good."""
+    with rig(spawn, cutter={"reset_at_once": frozenset({1})}) as (pair, _, _):
+        alive(pair)
+    assert not [line for line in pair.client.lines if "did not take" in line]
+
+
+def test_a_greeting_too_late_gives_up_that_connection_alone(spawn: Spawn) -> None:
+    """The client gives up a further connection that has no greeting within
+    --connect-timeout with a reset: it closed it in order, which ended the tunnel."""
+    flags = ("--connections", "2", "--connect-timeout", "1")
+    with rig(spawn, flags, flags, cutter={"hold": {1: 2.5}}, up="did not take") as (
+        pair,
+        _,
+        _,
+    ):
+        pair.server.wait_for(r"TCP connection 2 of 2 lost")
+        alive(pair)

@@ -28,7 +28,7 @@ import trio
 from .acceptance import Proof
 from .config import Address, ProxySettings
 from .errors import ConfigError, TunnelError, leaves, messages
-from .lanes import Lanes
+from .lanes import Lane, Lanes
 from .persist import STEADY_AFTER, Backoff
 from .proxy import ProxyFailure, connect_via
 from .session import Session
@@ -37,6 +37,8 @@ from .tls import Tls, is_alert
 
 log = logging.getLogger(__name__)
 
+LANE_TRIES = 3  # further connections refused or failed, none taken: the server takes none
+SETTLE_RTTS, SETTLE_MIN = 4, 0.1  # TLS: what the server gets to finish the first handshake
 REFUSAL_WINDOW = 3.0  # seconds: a server refuses within a round trip; later, a reset is a loss
 SHOWN_HEAD = 32  # bytes of what another kind of server sent, shown in the error
 
@@ -253,9 +255,12 @@ class Client:
 
     async def _keep_lanes(self, connections: Connections, server: Server, lanes: Lanes) -> None:
         """Open a port pair's further connections, and replace each that breaks, while the
-        tunnel runs. If the server does not take the first of them, say so and stop."""
+        tunnel runs. A server that does not greet one (the original, or ours without the
+        option), or refuses the first LANE_TRIES, is told of once, and tried no more."""
         backoff = Backoff(self.reconnect_max)
         taken = False  # the server has taken one: it can take more
+        failures = 0
+        await _after_the_server(lanes.first)
         while True:
             while not lanes.room():
                 await lanes.changed()
@@ -264,7 +269,7 @@ class Client:
                     connections, server, within=self.connect_timeout, tls=self.tls
                 )
             except TunnelError as exc:
-                why = str(exc)
+                why, final = _plain(exc), False
             else:
                 lane = lanes.join(stream, usable=False)
                 with trio.move_on_after(self.connect_timeout):
@@ -273,9 +278,11 @@ class Client:
                     taken = True
                     backoff.reset()
                     continue
+                final = lane.failure is None  # it took the connection, and said nothing
                 why = lane.failure or f"no greeting in {self.connect_timeout:g} s"
                 lanes.lose(lane, TunnelError(why))
-            if not taken:
+            failures += 1
+            if not taken and (final or failures >= LANE_TRIES):
                 log.warning(
                     "The server did not take a further TCP connection (%s): is it udptunnel "
                     "2 started with --connections? Carrying on over one",
@@ -307,3 +314,20 @@ class Client:
                 log.info("Connected TCP to %s", show(address))
             else:
                 log.info("Connected TCP to %s through the proxy %s", show(address), server.proxy)
+
+
+def _plain(exc: TunnelError) -> str:
+    """What went wrong, without the hint that a refusal of the tunnel itself would get."""
+    cause = exc.__cause__
+    return str(cause if isinstance(cause, TunnelError) else exc)
+
+
+async def _after_the_server(first: Lane) -> None:
+    """In TLS, give the server time to finish the first connection's handshake before a
+    further connection starts its own. A TLS 1.3 client is done half a round trip before
+    the server, and the server takes the first handshake it finishes for the tunnel's:
+    a further one that overtook the first would take its place. Nothing tells the client
+    when the server is done (its session ticket waits for its first write), so it waits
+    SETTLE_RTTS round trips, at least SETTLE_MIN: time for a lost segment to be sent again."""
+    if isinstance(first.stream, trio.SSLStream):
+        await trio.sleep(max(SETTLE_RTTS * first.rtt(), SETTLE_MIN))

@@ -41,9 +41,16 @@ GREETING = HEADER.pack(0)  # a server's first frame on a further connection: an 
 TCP_RTO_MIN_US = 45  # <linux/tcp.h>, Linux 6.15: this socket's minimum retransmission timeout
 QUICK_RTO_MIN_US = 10_000  # for each of several connections (see Lanes)
 TCP_CA_OPEN = 0  # <linux/tcp.h> tcp_ca_state: no loss being recovered, nothing reordered
+BLOCKED_UNSENT = 16 * 1024  # bytes unsent in the kernel: the connection is not keeping up
+STALL_LIMIT = 5.0  # seconds one connection may take nothing while another does: then it ends
+STALE_MS = 2000  # ms without an acknowledgement, data outstanding: a connection is dead
 # struct tcp_info, as far as is read here: tcpi_ca_state (byte 1), tcpi_unacked (24),
-# tcpi_notsent_bytes (144). Linux 4.6 and later have it all.
-_TCP_INFO = struct.Struct("=xB22xI116xI")
+# tcpi_last_ack_recv (56), tcpi_notsent_bytes (144): Linux 4.6 and later; tcpi_snd_wnd
+# (228), the peer's receive window: Linux 5.19 and later.
+_TCP_INFO = struct.Struct("=xB22xI28xI84xI")
+_SND_WND = struct.Struct("=228xI")
+_RTT = struct.Struct("=68xI")  # tcpi_rtt (68): microseconds
+_RESET = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close with a reset
 
 
 class Lane:
@@ -64,24 +71,67 @@ class Lane:
         self.socket = _socket_of(stream)  # the TCP socket itself, TLS or not
         self.settled = trio.Event()  # greeted, or lost
         self.gone = False
-        self.failure: str | None = None  # why it was lost
+        self.failure: str | None = None  # why it broke, as whichever direction saw it first
+        self.blocked_since: float | None = None  # taking no data since (trio's clock)
 
-    def load(self) -> tuple[bool, int, int]:
-        """How likely a datagram written now is to be held back, least first: recovering
-        from a loss, segments in flight, bytes not sent yet."""
+    def info(self) -> tuple[int, int, int, int, bool] | None:
+        """What the kernel says of the connection: its congestion state, segments in
+        flight, ms since the last acknowledgement, bytes unsent, and whether the peer's
+        window is shut. None if it cannot say."""
         if self.socket is None:
-            return False, 0, 0
+            return None
         try:
-            info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+            info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SND_WND.size)
         except OSError:  # gone already: its reader will say so
-            return True, 1 << 32, 1 << 32
-        ca_state, unacked, notsent = _TCP_INFO.unpack(info)
-        return ca_state != TCP_CA_OPEN, unacked, notsent
+            return None
+        if len(info) < _TCP_INFO.size:  # a kernel before 4.6
+            return None
+        ca_state, unacked, last_ack, notsent = _TCP_INFO.unpack_from(info)
+        shut = len(info) >= _SND_WND.size and _SND_WND.unpack_from(info)[0] == 0
+        return ca_state, unacked, last_ack, notsent, shut
+
+    def rtt(self) -> float:
+        """The connection's smoothed round-trip time, in seconds; 0 if unknown."""
+        if self.socket is None:
+            return 0.0
+        try:
+            info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _RTT.size)
+        except OSError:
+            return 0.0
+        return _RTT.unpack_from(info)[0] / 1e6 if len(info) >= _RTT.size else 0.0
+
+    def load(self) -> tuple[bool, bool, int, int]:
+        """How likely a datagram written now is to be held back, least first: blocked
+        (recovering from a loss, not keeping up, or the peer's window shut), bytes left
+        unsent (they wait, where those in flight may well arrive), segments in flight,
+        bytes unsent."""
+        info = self.info()
+        if info is None:
+            return False, False, 0, 0
+        ca_state, unacked, _, notsent, shut = info
+        stuck = shut or notsent >= BLOCKED_UNSENT
+        if not stuck:
+            self.blocked_since = None
+        elif self.blocked_since is None:
+            self.blocked_since = trio.current_time()
+        return stuck or ca_state != TCP_CA_OPEN, notsent > 0, unacked, notsent
+
+    def stale(self) -> bool:
+        """Whether the connection looks dead: data outstanding and no acknowledgement for
+        STALE_MS, or no data taken for STALL_LIMIT."""
+        info = self.info()
+        if info is not None and info[1] > 0 and info[2] >= STALE_MS:
+            return True
+        since = self.blocked_since
+        return since is not None and trio.current_time() - since >= STALL_LIMIT
 
     def close(self) -> None:
-        """Close the connection now, without a goodbye: it is broken."""
+        """Close the connection now, with a reset: it is broken, or abandoned (an orderly
+        close would tell the peer that the tunnel ends)."""
         self.gone = True
         if self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self.socket.close()
 
 
@@ -134,26 +184,56 @@ class Lanes:
         one, and the tunnel is lost with it."""
         if lane.gone:
             return True
-        lane.failure = str(failure)
-        lane.close()
-        lane.settled.set()
-        self.lanes.remove(lane)
-        self._changed_now()
-        if not any(other.usable for other in self.lanes):
+        lane.failure = lane.failure or str(failure)
+        was_usable = self._remove(lane)
+        if not self.carrying():
             return False
-        if lane.usable:  # one that never was is the caller's to explain
+        if was_usable:  # one that never was is the caller's to explain
             log.warning(
                 "TCP connection %d of %d lost: %s; %d carry on",
                 lane.number,
                 self.wanted,
-                failure,
-                sum(other.usable for other in self.lanes),
+                lane.failure,
+                self.carrying(),
             )
         return True
+
+    def closed(self, lane: Lane) -> bool:
+        """The peer closed ``lane`` in order. False if it was the last: the peer has ended
+        the tunnel (an ending peer closes them all)."""
+        self._remove(lane)
+        if not self.carrying():
+            return False
+        log.info(
+            "TCP connection %d of %d closed by the peer; %d carry on",
+            lane.number,
+            self.wanted,
+            self.carrying(),
+        )
+        return True
+
+    def _remove(self, lane: Lane) -> bool:
+        """Close ``lane`` and forget it; whether it had been carrying."""
+        was_usable = lane.usable
+        lane.usable = False
+        lane.close()
+        lane.settled.set()
+        if lane in self.lanes:
+            self.lanes.remove(lane)
+        self._changed_now()
+        return was_usable
+
+    def carrying(self) -> int:
+        """How many connections carry datagrams now."""
+        return sum(lane.usable and not lane.gone for lane in self.lanes)
 
     def room(self) -> bool:
         """Whether fewer connections are up or on their way than were asked for."""
         return len(self.lanes) < self.wanted
+
+    def stale(self) -> Lane | None:
+        """A connection that looks dead (``Lane.stale``), to give way to a new one."""
+        return next((lane for lane in self.lanes if lane.usable and lane.stale()), None)
 
     async def changed(self) -> None:
         """Return when a connection next comes or goes."""
@@ -163,23 +243,31 @@ class Lanes:
         self._changed.set()
         self._changed = trio.Event()
 
-    def pick(self) -> Lane:
-        """The connection to write the next batch on."""
+    def pick(self, tried: set[Lane]) -> Lane | None:
+        """The connection to write the next batch on, of those not ``tried`` for it. A
+        connection that has taken nothing for STALL_LIMIT while another takes data (its
+        peer reads nothing) is ended here. None if there is none left to try."""
         lanes = self.lanes
         if len(lanes) == 1:
-            return lanes[0]
-        usable = [lane for lane in lanes if lane.usable and not lane.gone]
+            return None if lanes[0] in tried or lanes[0].gone else lanes[0]
+        usable = [lane for lane in lanes if lane.usable and not lane.gone and lane not in tried]
         if len(usable) <= 1:
-            return usable[0] if usable else lanes[0]
+            return usable[0] if usable else None
         self._turn = (self._turn + 1) % len(usable)
         count, turn = len(usable), self._turn
-        best = min(range(count), key=lambda i: (*usable[i].load(), (i - turn) % count))
+        loads = [lane.load() for lane in usable]
+        best = min(range(count), key=lambda i: (*loads[i], (i - turn) % count))
+        if loads[best][0] is False:  # one keeps up: any that has not for long is dead
+            for lane in usable:
+                if lane.stale():
+                    lane.failure = f"it took no data for {STALL_LIMIT:g} s"
+                    self.lose(lane, TunnelError(lane.failure))
         return usable[best]
 
     async def send(self, data: memoryview) -> bool:
-        """Write a batch of frames on one connection. If the chosen one is found broken
-        before it took any of it, on another; if it breaks while taking it, of several, the
-        batch is lost with it.
+        """Write a batch of frames on one connection, whole. Of several: on another if the
+        chosen one takes none of it at once (full, or found broken); if it breaks while
+        taking it, or takes nothing more for STALL_LIMIT, the batch is lost with it.
 
         Returns:
             Whether the batch went out whole.
@@ -187,38 +275,82 @@ class Lanes:
         Raises:
             TunnelError: the connection broke, and it was the last.
         """
+        if self.wanted == 1:
+            return await self._send_on(self.lanes[0], data, bound=math.inf)
+        tried: set[Lane] = set()
         while True:
-            lane = self.pick()
-            sent = 0
-            if lane.fd >= 0:  # the rule: the socket takes it all at once
-                try:
-                    sent = os.write(lane.fd, data)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    if self._set_aside(lane):
-                        continue
-                    raise TunnelError(f"TCP connection lost while sending: {exc.strerror}") from exc
-            if sent < len(data):
-                try:
-                    await lane.stream.send_all(data[sent:])
-                except trio.BrokenResourceError as exc:
-                    if self._set_aside(lane):
-                        return False
-                    raise lost(lane.stream, exc, "sending") from exc
-                except trio.ClosedResourceError:  # closed by lose(), while it waited
-                    if self._set_aside(lane):
-                        return False
-                    raise
+            lane = self.pick(tried)
+            if lane is None:
+                if not tried:
+                    raise TunnelError("no TCP connection left to send on")
+                await self._until_writable(tried)
+                tried.clear()
+                continue
+            if lane.fd < 0:  # TLS: only its stream may write
+                return await self._send_on(lane, data, bound=STALL_LIMIT)
+            try:
+                sent = os.write(lane.fd, data)
+            except BlockingIOError:
+                tried.add(lane)
+                continue
+            except OSError as exc:
+                lane.failure = f"TCP connection lost while sending: {exc.strerror}"
+                self._set_aside(lane)
+                continue
+            if sent < len(data):  # the rest of a frame must follow on the same connection
+                return await self._send_on(lane, data[sent:], bound=STALL_LIMIT)
             return True
 
-    def _set_aside(self, lane: Lane) -> bool:
-        """A write failed on ``lane``: whether another connection can take the writes. The
-        lane is set aside; its reader will see the failure too, and end it."""
-        if len(self.lanes) == 1:
-            return False
+    async def _send_on(self, lane: Lane, data: memoryview, *, bound: float) -> bool:
+        """Write ``data`` on ``lane``, waiting for room at most ``bound`` seconds; whether it
+        all went. Of several connections, one that fails is set aside (its reader ends it)."""
+        sent = 0
+        if bound == math.inf and lane.fd >= 0:  # the rule: the socket takes it all at once
+            try:
+                sent = os.write(lane.fd, data)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise TunnelError(f"TCP connection lost while sending: {exc.strerror}") from exc
+            if sent == len(data):
+                return True
+        with trio.move_on_after(bound):
+            try:
+                await lane.stream.send_all(data[sent:])
+            except trio.BrokenResourceError as exc:
+                failure = lost(lane.stream, exc, "sending")
+                if self.wanted == 1:
+                    raise failure from exc
+                lane.failure = str(failure)
+                self._set_aside(lane)
+                return False
+            except trio.ClosedResourceError:  # closed by lose(), while it waited
+                if self.wanted == 1:
+                    raise
+                return False
+            return True
+        lane.failure = f"it took no data for {bound:g} s"
+        self.lose(lane, TunnelError(lane.failure))
+        return False
+
+    def _set_aside(self, lane: Lane) -> None:
+        """A write failed on ``lane``, one of several: send no more on it. Its reader sees
+        the failure too (or an end, the error having been read here), and ends it."""
         lane.usable = False
-        return any(other.usable and not other.gone for other in self.lanes)
+
+    async def _until_writable(self, lanes: set[Lane]) -> None:
+        """Return when any of ``lanes`` can take data, or one of them has gone."""
+        async with trio.open_nursery() as nursery:
+            for lane in lanes:
+                if lane.socket is None or lane.gone:
+                    return
+                nursery.start_soon(_writable_then, lane.socket, nursery.cancel_scope)
+
+
+async def _writable_then(sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+    with contextlib.suppress(trio.ClosedResourceError, OSError):
+        await trio.lowlevel.wait_writable(sock)
+    scope.cancel(reason="a connection can take data")
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:

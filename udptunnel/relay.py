@@ -115,9 +115,9 @@ async def carry(
             stop = partial(nursery.cancel_scope.cancel, reason="the TCP peer closed the connection")
             nursery.start_soon(udp_to_tcp, inbound, lanes, counters)
             read = partial(_read_lane, lanes, sender, max_delay, stop)
-            nursery.start_soon(read, lanes.first, proof)
+            nursery.start_soon(read, lanes.first, proof, None)
             async for lane in lanes.joined:  # until the tunnel ends
-                nursery.start_soon(read, lane, None)
+                nursery.start_soon(read, lane, None, proof)
     except* TunnelError as group:
         # One break, seen by both directions at once: the first to see it says what it was.
         first = next(leaves(group))
@@ -156,23 +156,43 @@ async def _read_lane(
     stop: Callable[[], object],
     lane: Lane,
     proof: Proof | None,
+    witness: Proof | None,
 ) -> None:
-    """Read one connection to its end: the peer closing it ends the relay. Of several, one
-    that breaks, or that the server closes before greeting it, ends alone."""
-    greeted = None if lane.usable else partial(lanes.greeted, lane)
+    """Read one connection to its end: the peer closing the last ends the relay. Of
+    several, one that breaks, or that the peer closes, ends alone. A further connection
+    in use (greeted, at a client) proves the peer to the first one's ``witness``: it is
+    a tunnel end, and the tunnel was made, whatever comes of the first."""
+
+    def greeted() -> None:
+        lanes.greeted(lane)
+        if witness is not None:
+            witness.prove()
+
+    if lane.usable and witness is not None:
+        witness.prove()
     try:
-        await tcp_to_udp(lane.stream, sender, max_delay, proof, greeted=greeted)
+        await tcp_to_udp(
+            lane.stream, sender, max_delay, proof, greeted=None if lane.usable else greeted
+        )
     except TunnelError as exc:
         if lanes.wanted > 1 and lanes.lose(lane, exc):
             return
         raise
     except trio.ClosedResourceError:
-        if lane.gone:  # closed by the client, which gave up waiting for its greeting
+        if lane.gone:  # closed in lanes.py: given up, or found dead
             return
         raise
-    if not lane.usable:  # never greeted: not the peer ending the tunnel
-        lanes.lose(lane, TunnelError("the server closed it at once"))
-        return
+    if lanes.wanted > 1:
+        if lane.failure is not None:  # the writer saw it break, and took the error
+            if lanes.lose(lane, TunnelError(lane.failure)):
+                return
+            raise TunnelError(lane.failure)
+        if not lane.settled.is_set() and not lane.usable:
+            lanes.lose(lane, TunnelError("the server closed it before greeting it"))
+            return
+        if lanes.closed(lane):
+            return
+    log.info("TCP connection closed by the peer")
     stop()
 
 
@@ -218,7 +238,6 @@ async def tcp_to_udp(
             backlog.record(sent_bytes + HEADER.size * sent, time.monotonic() - started)
     if decoder.pending and proof is not None and (why := proof.cut_short()) is not None:
         raise TunnelError(why)  # not even one frame: no tunnel end at all
-    log.info("TCP connection closed by the peer")
     if decoder.pending:
         log.info(
             "TCP connection closed inside a frame: %d bytes of a %s-byte frame lost",

@@ -20,10 +20,11 @@ from functools import partial
 import trio
 
 from .acceptance import Admission, Proof, accept_each, accept_first, refuse_all
-from .errors import TunnelError
+from .errors import TunnelError, messages
 from .lanes import GREETING, Lanes
 from .session import Session
 from .sockets import Connections, accept, peer, refuse, reset
+from .tls import lost
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +111,28 @@ class Server:
         listener: trio.SocketListener,
     ) -> None:
         """While the tunnel runs: take the further connections of the client of ``first``
-        from its host, up to ``--connections`` in all; refuse every other."""
-        host = first.socket.getpeername()[0]
+        from its host, up to ``--connections`` in all (one that looks dead gives way to a
+        newcomer); refuse every other. A failure of one newcomer ends it alone."""
+        try:
+            host = first.socket.getpeername()[0]
+        except OSError:  # the first connection is gone already: so is the tunnel
+            host = None
         coming = 0  # taken, still shaking hands
 
         async def join(stream: trio.SocketStream) -> None:
             nonlocal coming
-            who, secured = peer(stream), None
+            who, secured, greeted = peer(stream), None, False
             try:
                 async with self.admission.proving(stream) as proof:
                     secured = await self.admission.secure(stream, proof)
-                    await secured.send_all(GREETING)
-            except (TunnelError, trio.BrokenResourceError) as exc:
-                log.warning("Closed TCP connection from %s: %s", who, exc)
+                    await _greet(secured)
+                    greeted = True
+            except* TunnelError as group:
+                log.warning("Closed TCP connection from %s: %s", who, next(messages(group)))
                 reset(stream)
-                return
             finally:
                 coming -= 1
-            if secured is None:  # too slow to shake hands: proving reset it
+            if secured is None or not greeted:  # failed, or too slow (proving reset it)
                 return
             lane = lanes.join(secured, usable=True)
             log.info("TCP connection %d of %d from %s", lane.number, lanes.wanted, who)
@@ -143,8 +148,10 @@ class Server:
                     refuse(stream)
                     continue
                 if len(lanes.lanes) + coming >= lanes.wanted:
-                    refuse(stream, f"the tunnel has its {lanes.wanted} connections")
-                    continue
+                    if (stale := lanes.stale()) is None:
+                        refuse(stream, f"the tunnel has its {lanes.wanted} connections")
+                        continue
+                    lanes.lose(stale, TunnelError("it looks dead; a new one takes its place"))
                 coming += 1
                 nursery.start_soon(join, connections.adopt(stream))
 
@@ -190,3 +197,15 @@ class Server:
             raise
         raw, secured = won[0]
         return connections.adopt(raw), secured
+
+
+async def _greet(stream: trio.abc.Stream) -> None:
+    """Send a further connection's greeting (lanes.py).
+
+    Raises:
+        TunnelError: the connection broke.
+    """
+    try:
+        await stream.send_all(GREETING)
+    except trio.BrokenResourceError as exc:
+        raise lost(stream, exc, "greeting") from exc

@@ -354,6 +354,8 @@ class Connections:
         await self.aclose()
 
     def adopt(self, stream: trio.SocketStream) -> trio.SocketStream:
+        # Those closed already (a tunnel's connections that broke, of several) are let go.
+        self._streams = [kept for kept in self._streams if kept.socket.fileno() >= 0]
         self._streams.append(stream)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)
         with contextlib.suppress(OSError):  # ENOENT: not built; EPERM: not allowed to us
