@@ -25,7 +25,16 @@ from pathlib import Path
 import pytest
 
 from .conftest import UDPTUNNEL, Process
-from .netns import APP_A, APP_B, TUN_A_WAN, TUN_B_LAN, Chain, open_chain, set_wan_loss
+from .netns import (
+    APP_A,
+    APP_B,
+    TUN_A_WAN,
+    TUN_B_LAN,
+    TUN_B_WAN,
+    Chain,
+    open_chain,
+    set_wan_loss,
+)
 from .test_wan import (
     BUFFER,
     SO_RCVBUFFORCE,
@@ -201,3 +210,37 @@ def test_every_datagram_is_delivered_or_counted_under_loss(
     assert server["out_of"] + server["dropped"] == client["into"]
     assert len(got) == server["out_of"]
     assert len({seq for seq, _ in got}) == len(got), "doubled"
+
+
+def test_a_connection_that_dies_under_loss_is_replaced_and_the_stream_goes_on(
+    spawn: Spawn,
+    chain: Chain,
+    delayline: Path,  # noqa: F811
+) -> None:
+    """1% loss each way, 3 connections. One of the client's connections is destroyed
+    mid-stream (``ss -K``: the kernel aborts it and resets the server's end): the client
+    replaces it, and every datagram sent from then on arrives."""
+    with carrying(chain, delayline, DELAY_MS):
+        set_wan_loss(chain, 10)
+        tunnel = start_tunnel(spawn, chain, connections=3)
+        ports = re.findall(
+            rf"{re.escape(TUN_B_WAN)}:(\d+)\s",
+            chain.tun_b.run(["ss", "-tnH", "state", "established", f"( dport = :{TCP_PORT} )"]),
+        )
+        assert len(ports) == 3, ports
+        with apps(chain) as (app_b, app_a):
+            got: list[tuple[int, float]] = []
+            reader = threading.Thread(target=lambda: got.extend(receive(app_a, 1.0)))
+            reader.start()
+            sender = threading.Thread(target=send, args=(app_b, 1000, 200))
+            sender.start()
+            chain.tun_b.run(["ss", "-K", "-tnH", f"( sport = :{ports[1]} )"])
+            tunnel.client.wait_for(r"^udptunnel: TCP connection \d of 3 lost: .*; 2 carry on$")
+            tunnel.client.wait_for(r"TCP connection \d of 3 up", nth=3)  # the replacement
+            sender.join()
+            reader.join()
+        after = stream(chain, 500, 200)  # over the replacement too: all of them
+        client, server = close(tunnel)
+    assert len(got) > 900, f"{len(got)} of 1000 arrived around the loss of a connection"
+    assert sorted(seq for seq, _ in after) == list(range(500))
+    assert server["dropped"] == client["dropped"] == 0
