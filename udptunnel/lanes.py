@@ -16,7 +16,10 @@ sent on as each connection delivers them: across connections, their order may ch
 UDP's may.
 
 A connection that breaks, of several, ends alone: the others carry on, and the client
-replaces it. The peer closing any one of them ends the tunnel, as it does with one.
+replaces it. So does one that the peer closes in order (a neighbour's, on the client's
+host); the tunnel ends when the peer has closed them all, as a peer that ends it does. A
+connection that takes no data for STALL_LIMIT while another does is ended; on the server,
+one that looks dead gives way to a newcomer.
 """
 
 from __future__ import annotations
