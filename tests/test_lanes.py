@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from udptunnel.errors import TunnelError
 from udptunnel.framing import encode
@@ -318,6 +320,21 @@ async def test_a_batch_with_no_connection_left_is_a_lost_tunnel_not_a_crash() ->
         assert not lanes.lose(lanes.first, TunnelError("reset"))  # the last: tunnel lost
         with pytest.raises(TunnelError, match="no TCP connection left"):
             await lanes.send(memoryview(encode(b"late")))
+
+
+async def test_a_write_on_the_only_connection_left_broken_ends_the_tunnel_at_once() -> None:
+    """With --connections, the one connection left, reset by its peer: the write fails
+    and the tunnel is lost, at once (a failed write once set the connection aside and
+    picked it again, without end)."""
+    stream, peer = await tcp_pair()
+    async with stream:
+        peer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+        await peer.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        lanes = Lanes(stream, wanted=3)
+        with trio.fail_after(WAIT), pytest.raises(TunnelError):
+            for _ in range(3):  # the first write may go out before the reset is known
+                await lanes.send(memoryview(encode(b"into a reset connection")))
 
 
 def test_a_newcomer_that_resets_at_once_ends_alone(spawn: Spawn) -> None:

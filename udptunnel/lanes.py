@@ -252,7 +252,8 @@ class Lanes:
         peer reads nothing) is ended here. None if there is none left to try."""
         lanes = self.lanes
         if len(lanes) == 1:
-            return None if lanes[0] in tried or lanes[0].gone else lanes[0]
+            only = lanes[0]
+            return None if only in tried or only.gone or not only.usable else only
         usable = [lane for lane in lanes if lane.usable and not lane.gone and lane not in tried]
         if len(usable) <= 1:
             return usable[0] if usable else None
@@ -290,7 +291,7 @@ class Lanes:
                 tried.clear()
                 continue
             if lane.fd < 0:  # TLS: only its stream may write
-                return await self._send_on(lane, data, bound=STALL_LIMIT)
+                return await self._send_on(lane, data, bound=self._patience())
             try:
                 sent = os.write(lane.fd, data)
             except BlockingIOError:
@@ -299,9 +300,10 @@ class Lanes:
             except OSError as exc:
                 lane.failure = f"TCP connection lost while sending: {exc.strerror}"
                 self._set_aside(lane)
+                tried.add(lane)
                 continue
             if sent < len(data):  # the rest of a frame must follow on the same connection
-                return await self._send_on(lane, data[sent:], bound=STALL_LIMIT)
+                return await self._send_on(lane, data[sent:], bound=self._patience())
             return True
 
     async def _send_on(self, lane: Lane, data: memoryview, *, bound: float) -> bool:
@@ -335,6 +337,11 @@ class Lanes:
         lane.failure = f"it took no data for {bound:g} s"
         self.lose(lane, TunnelError(lane.failure))
         return False
+
+    def _patience(self) -> float:
+        """How long a write may wait for room: STALL_LIMIT while another connection could
+        carry the rest, without end on the only one (a slow peer, the original say)."""
+        return STALL_LIMIT if self.carrying() > 1 else math.inf
 
     def _set_aside(self, lane: Lane) -> None:
         """A write failed on ``lane``, one of several: send no more on it. Its reader sees
