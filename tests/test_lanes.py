@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -431,3 +432,40 @@ def test_a_greeting_too_late_gives_up_that_connection_alone(spawn: Spawn) -> Non
     ):
         pair.server.wait_for(r"TCP connection 2 of 2 lost")
         alive(pair)
+
+
+@pytest.mark.root("ss -K, which destroys the sockets of another process")
+def test_every_connection_destroyed_at_once_under_a_flood_is_one_line_not_a_traceback(
+    spawn: Spawn,
+) -> None:
+    """1,400-byte datagrams flood both ways, so that every connection is full, and the
+    kernel destroys them all at once (found by attacking: the writer, waiting for room on
+    each, met a connection closed meanwhile, ValueError and BusyResourceError). Five
+    rounds: each time the tunnel is lost in one line, exit 1, at both ends."""
+    for _ in range(5):
+        with rig(spawn) as (pair, _, tcp):
+            stop = threading.Event()
+
+            def flood(pair: Pair = pair, stop: threading.Event = stop) -> None:
+                while not stop.wait(0.0005):  # the load's pace: bursts of 50 each way
+                    for _ in range(50):
+                        pair.app_b.sendto(bytes(1400), pair.client_in)
+                        pair.app_a.sendto(bytes(1400), pair.server_in)
+
+            thread = threading.Thread(target=flood, daemon=True)
+            thread.start()
+            try:
+                pair.server.wait_for("Tunnel up|TCP connection 3 of 3 from")
+                subprocess.run(
+                    ["ss", "-K", "-tn", "state", "established", f"( dport = :{tcp} )"],
+                    check=True,
+                    capture_output=True,
+                )
+                assert pair.client.wait() == 1
+                assert pair.server.wait() == 1
+            finally:
+                stop.set()
+                thread.join()
+            for end in (pair.client, pair.server):
+                assert "Traceback" not in end.stderr, end.stderr
+                assert len([line for line in end.lines if line.startswith("udptunnel: ")]) >= 1

@@ -260,10 +260,17 @@ class Client:
         backoff = Backoff(self.reconnect_max)
         taken = False  # the server has taken one: it can take more
         failures = 0
+        ended, up_since = lanes.ended, trio.current_time()
         await _after_the_server(lanes.first)
         while True:
             while not lanes.room():
                 await lanes.changed()
+            if lanes.ended > ended:  # one ended: soon after the last came up, wait first
+                ended = lanes.ended
+                if trio.current_time() - up_since >= STEADY_AFTER:
+                    backoff.reset()
+                else:
+                    await trio.sleep(backoff.next())
             try:
                 stream, _, _ = await dial(
                     connections, server, within=self.connect_timeout, tls=self.tls
@@ -275,8 +282,7 @@ class Client:
                 with trio.move_on_after(self.connect_timeout):
                     await lane.settled.wait()
                 if lane.usable:
-                    taken = True
-                    backoff.reset()
+                    taken, up_since = True, trio.current_time()
                     continue
                 final = lane.failure is None  # it took the connection, and said nothing
                 why = lane.failure or f"no greeting in {self.connect_timeout:g} s"

@@ -119,14 +119,16 @@ class Lane:
             self.blocked_since = trio.current_time()
         return stuck or ca_state != TCP_CA_OPEN, notsent > 0, unacked, notsent
 
-    def stale(self) -> bool:
-        """Whether the connection looks dead: data outstanding and no acknowledgement for
-        STALE_MS, or no data taken for STALL_LIMIT."""
+    def stale(self) -> str | None:
+        """Why the connection looks dead, if it does: data outstanding and no
+        acknowledgement for STALE_MS, or no data taken for STALL_LIMIT."""
         info = self.info()
         if info is not None and info[1] > 0 and info[2] >= STALE_MS:
-            return True
+            return f"no acknowledgement for {info[2] / 1000:g} s"
         since = self.blocked_since
-        return since is not None and trio.current_time() - since >= STALL_LIMIT
+        if since is not None and trio.current_time() - since >= STALL_LIMIT:
+            return f"it took no data for {STALL_LIMIT:g} s"
+        return None
 
     def close(self) -> None:
         """Close the connection now, with a reset: it is broken, or abandoned (an orderly
@@ -152,6 +154,7 @@ class Lanes:
         self._turn = 0
         self._joined_send, self.joined = trio.open_memory_channel[Lane](math.inf)
         self._changed = trio.Event()  # a lane came or went
+        self.ended = 0  # connections that carried and have ended (lost or closed)
 
     def _tuned(self, lane: Lane) -> Lane:
         """Of several connections, each carries a thin share of the stream: a loss at its
@@ -218,6 +221,7 @@ class Lanes:
     def _remove(self, lane: Lane) -> bool:
         """Close ``lane`` and forget it; whether it had been carrying."""
         was_usable = lane.usable
+        self.ended += was_usable
         lane.usable = False
         lane.close()
         lane.settled.set()
@@ -234,9 +238,12 @@ class Lanes:
         """Whether fewer connections are up or on their way than were asked for."""
         return len(self.lanes) < self.wanted
 
-    def stale(self) -> Lane | None:
-        """A connection that looks dead (``Lane.stale``), to give way to a new one."""
-        return next((lane for lane in self.lanes if lane.usable and lane.stale()), None)
+    def stale(self) -> tuple[Lane, str] | None:
+        """A connection that looks dead (``Lane.stale``), and why, to give way to a new one."""
+        for lane in self.lanes:
+            if lane.usable and (why := lane.stale()) is not None:
+                return lane, why
+        return None
 
     async def changed(self) -> None:
         """Return when a connection next comes or goes."""
@@ -263,9 +270,8 @@ class Lanes:
         best = min(range(count), key=lambda i: (*loads[i], (i - turn) % count))
         if loads[best][0] is False:  # one keeps up: any that has not for long is dead
             for lane in usable:
-                if lane.stale():
-                    lane.failure = f"it took no data for {STALL_LIMIT:g} s"
-                    self.lose(lane, TunnelError(lane.failure))
+                if (why := lane.stale()) is not None:
+                    self.lose(lane, TunnelError(why))
         return usable[best]
 
     async def send(self, data: memoryview) -> bool:
@@ -350,17 +356,22 @@ class Lanes:
 
     async def _until_writable(self, lanes: set[Lane]) -> None:
         """Return when any of ``lanes`` can take data, or one of them has gone."""
+        socks = [lane.socket for lane in lanes if not lane.gone and lane.socket is not None]
+        numbers = {sock.fileno() for sock in socks}
+        if len(numbers) < len(lanes) or -1 in numbers:
+            return  # one has gone meanwhile (and its number may be another's): look again
         async with trio.open_nursery() as nursery:
-            for lane in lanes:
-                if lane.socket is None or lane.gone:
-                    return
-                nursery.start_soon(_writable_then, lane.socket, nursery.cancel_scope)
+            for sock in socks:
+                nursery.start_soon(_writable_then, sock, nursery.cancel_scope)
 
 
 async def _writable_then(sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
-    with contextlib.suppress(trio.ClosedResourceError, OSError):
+    """Wait until ``sock`` can take data, or is closed (ValueError: its number is gone by
+    the time this runs; BusyResourceError: its number is already another connection's,
+    being opened), then cancel ``scope``."""
+    with contextlib.suppress(trio.ClosedResourceError, trio.BusyResourceError, OSError, ValueError):
         await trio.lowlevel.wait_writable(sock)
-    scope.cancel(reason="a connection can take data")
+    scope.cancel(reason="a connection can take data, or has gone")
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:

@@ -406,15 +406,18 @@ class RawReader:
     next one tries at once, after a checkpoint (a wait is one too).
     """
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
         self._emptied = False  # the last read took all there was
 
     async def __call__(self) -> bytes:
         fd, waited = self._fd, self._emptied
         if waited:
+            self._check()
             await trio.lowlevel.wait_readable(fd)
         while True:
+            self._check()
             try:
                 data = os.read(fd, TCP_RECEIVE_SIZE)
             except BlockingIOError:
@@ -428,6 +431,12 @@ class RawReader:
                 await trio.lowlevel.checkpoint()
             return data
 
+    def _check(self) -> None:
+        """Raise if the socket was closed meanwhile (a connection given up, lanes.py): its
+        number may be another connection's by now, which must not be read here."""
+        if self._sock.fileno() != self._fd:
+            raise trio.ClosedResourceError("the connection was closed")
+
 
 def reader(stream: trio.abc.Stream) -> Callable[[], Awaitable[bytes | bytearray]]:
     """How to read ``stream``: straight from the socket if it is a plain one, else through
@@ -435,8 +444,9 @@ def reader(stream: trio.abc.Stream) -> Callable[[], Awaitable[bytes | bytearray]
 
     The reader raises TunnelError if the connection breaks.
     """
-    fd = fd_of(stream)
-    return RawReader(fd) if fd >= 0 else partial(_receive, stream)
+    if isinstance(stream, trio.SocketStream):
+        return RawReader(stream.socket)
+    return partial(_receive, stream)
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:

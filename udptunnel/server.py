@@ -151,7 +151,8 @@ class Server:
                     if (stale := lanes.stale()) is None:
                         refuse(stream, f"the tunnel has its {lanes.wanted} connections")
                         continue
-                    lanes.lose(stale, TunnelError("it looks dead; a new one takes its place"))
+                    dead, why = stale
+                    lanes.lose(dead, TunnelError(f"{why}; a new one takes its place"))
                 coming += 1
                 nursery.start_soon(join, connections.adopt(stream))
 
