@@ -70,6 +70,7 @@ class Lane:
         self.stream = stream
         self.number = number
         self.usable = usable
+        self.carried = usable  # it has carried datagrams (set aside since, perhaps)
         self.fd = fd_of(stream)  # a plain socket: written straight
         self.socket = _socket_of(stream)  # the TCP socket itself, TLS or not
         self.settled = trio.Event()  # greeted, or lost
@@ -181,7 +182,7 @@ class Lanes:
 
     def greeted(self, lane: Lane) -> None:
         """The server took ``lane``: send on it from now on."""
-        lane.usable = True
+        lane.usable = lane.carried = True
         lane.settled.set()
         log.info("TCP connection %d of %d up", lane.number, self.wanted)
 
@@ -219,8 +220,8 @@ class Lanes:
         return True
 
     def _remove(self, lane: Lane) -> bool:
-        """Close ``lane`` and forget it; whether it had been carrying."""
-        was_usable = lane.usable
+        """Close ``lane`` and forget it; whether it had carried datagrams."""
+        was_usable = lane.carried and lane in self.lanes
         self.ended += was_usable
         lane.usable = False
         lane.close()
