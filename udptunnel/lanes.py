@@ -77,18 +77,14 @@ class Lane:
         self.gone = False
         self.failure: str | None = None  # why it broke, as whichever direction saw it first
         self.blocked_since: float | None = None  # taking no data since (trio's clock)
+        self.last_info: tuple[int, int, int, int, bool] | None = None  # as ``load`` read it
 
     def info(self) -> tuple[int, int, int, int, bool] | None:
         """What the kernel says of the connection: its congestion state, segments in
         flight, ms since the last acknowledgement, bytes unsent, and whether the peer's
         window is shut. None if it cannot say."""
-        if self.socket is None:
-            return None
-        try:
-            info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SND_WND.size)
-        except OSError:  # gone already: its reader will say so
-            return None
-        if len(info) < _TCP_INFO.size:  # a kernel before 4.6
+        info = self._tcp_info(_SND_WND.size)
+        if len(info) < _TCP_INFO.size:  # gone already (its reader will say so), or Linux < 4.6
             return None
         ca_state, unacked, last_ack, notsent = _TCP_INFO.unpack_from(info)
         shut = len(info) >= _SND_WND.size and _SND_WND.unpack_from(info)[0] == 0
@@ -96,20 +92,25 @@ class Lane:
 
     def rtt(self) -> float:
         """The connection's smoothed round-trip time, in seconds; 0 if unknown."""
-        if self.socket is None:
-            return 0.0
-        try:
-            info = self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _RTT.size)
-        except OSError:
-            return 0.0
+        info = self._tcp_info(_RTT.size)
         return _RTT.unpack_from(info)[0] / 1e6 if len(info) >= _RTT.size else 0.0
+
+    def _tcp_info(self, size: int) -> bytes:
+        """The first ``size`` bytes of the kernel's struct tcp_info (fewer from an older
+        kernel); none if the connection has gone or is no TCP socket."""
+        if self.socket is None:
+            return b""
+        try:
+            return self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, size)
+        except OSError:
+            return b""
 
     def load(self) -> tuple[bool, bool, int, int]:
         """How likely a datagram written now is to be held back, least first: blocked
         (recovering from a loss, not keeping up, or the peer's window shut), bytes left
         unsent (they wait, where those in flight may well arrive), segments in flight,
         bytes unsent."""
-        info = self.info()
+        info = self.last_info = self.info()
         if info is None:
             return False, False, 0, 0
         ca_state, unacked, _, notsent, shut = info
@@ -120,10 +121,11 @@ class Lane:
             self.blocked_since = trio.current_time()
         return stuck or ca_state != TCP_CA_OPEN, notsent > 0, unacked, notsent
 
-    def stale(self) -> str | None:
+    def stale(self, *, fresh: bool = True) -> str | None:
         """Why the connection looks dead, if it does: data outstanding and no
-        acknowledgement for STALE_MS, or no data taken for STALL_LIMIT."""
-        info = self.info()
+        acknowledgement for STALE_MS, or no data taken for STALL_LIMIT. Not ``fresh``:
+        by what ``load`` read just before, without asking the kernel again."""
+        info = self.info() if fresh else self.last_info
         if info is not None and info[1] > 0 and info[2] >= STALE_MS:
             return f"no acknowledgement for {info[2] / 1000:g} s"
         since = self.blocked_since
@@ -271,7 +273,7 @@ class Lanes:
         best = min(range(count), key=lambda i: (*loads[i], (i - turn) % count))
         if loads[best][0] is False:  # one keeps up: any that has not for long is dead
             for lane in usable:
-                if (why := lane.stale()) is not None:
+                if (why := lane.stale(fresh=False)) is not None:
                     self.lose(lane, TunnelError(why))
         return usable[best]
 
